@@ -1,0 +1,164 @@
+"""File primitives the layout relies on: confined opens, capped reads, atomic writes,
+and streaming a blob through its hash.
+"""
+
+import logging
+import os
+import stat
+import tempfile
+from typing import BinaryIO
+
+from storage.digest import Digest
+from storage.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    SizeMismatch,
+    TooLarge,
+    UnsafePath,
+)
+from storage.layout import TEMP_PREFIX
+
+log = logging.getLogger(__name__)
+
+# Large enough that hashing and syscalls cost little per byte, small enough that a
+# dozen parallel copies stay well under a hundred MiB of buffers.
+CHUNK_SIZE = 1024 * 1024
+
+
+def open_inside(root: str, path: str, what: str) -> BinaryIO:
+    """Open the regular file `path` for reading, refusing to leave `root`.
+
+    A symbolic link is followed only when its target stays inside `root`, and
+    anything but a regular file (a FIFO would block forever) is refused.
+    """
+    real_root = os.path.realpath(root)
+    real_path = os.path.realpath(path)
+    if os.path.commonpath([real_root, real_path]) != real_root:
+        raise UnsafePath(f"{what} {path} points outside the image, to {real_path}")
+    try:
+        info = os.stat(real_path)
+    except FileNotFoundError:
+        raise BlobNotFound(f"{what} is missing: {path}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafePath(f"{what} {path} is not a regular file")
+    return open(real_path, "rb")
+
+
+def read_capped(root: str, path: str, what: str, limit: int) -> bytes:
+    """Read a whole small file, refusing one larger than `limit` bytes."""
+    with open_inside(root, path, what) as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"{what} {path} is larger than the {limit}-byte limit")
+    return data
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file whole.
+
+    The bytes go to a temporary file beside `path`, are flushed to disk, and are
+    renamed into place; on any failure the temporary file is removed.
+    """
+    folder = os.path.dirname(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with open(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+
+
+def fsync_folder(folder: str) -> None:
+    """Make the renames inside `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_all(sink, chunk) -> None:
+    # An unbuffered write may take fewer bytes than offered; a disk nearly full
+    # does that before it raises ENOSPC.
+    view = memoryview(chunk)
+    while view:
+        written = sink.write(view)
+        view = view[written:]
+
+
+def hash_stream(
+    stream: BinaryIO, digest: Digest, size: int | None, sink=None, name: str = ""
+) -> int:
+    """Read `stream` to its end, feeding `sink` (a binary file) if given.
+
+    Checks the byte count against `size` (as soon as it is exceeded, so a runaway
+    stream is not read to its end) and the content against `digest`. Returns the
+    number of bytes read. Raises `SizeMismatch` or `DigestMismatch`, naming `name`.
+    """
+    hasher = digest.hasher()
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    total = 0
+    readinto = getattr(stream, "readinto", None)
+    while True:
+        if readinto is not None:
+            count = readinto(buffer)
+            chunk = view[:count]
+        else:
+            chunk = stream.read(CHUNK_SIZE)
+            count = len(chunk)
+        if not count:
+            break
+        total += count
+        if size is not None and total > size:
+            raise SizeMismatch(
+                f"blob {digest}{name}: expected {size} bytes, found more"
+            )
+        hasher.update(chunk)
+        if sink is not None:
+            _write_all(sink, chunk)
+
+    if size is not None and total != size:
+        raise SizeMismatch(f"blob {digest}{name}: expected {size} bytes, found {total}")
+    found = hasher.hexdigest()
+    if found != digest.hex:
+        raise DigestMismatch(
+            f"blob {digest}{name}: content hashes to {digest.algorithm}:{found}"
+        )
+    return total
+
+
+def write_blob_atomically(
+    path: str, digest: Digest, stream: BinaryIO, size: int | None
+) -> int:
+    """Stream a blob into `path`, verified, flushed and renamed into place.
+
+    Nothing is left behind on failure: the temporary file is removed whatever
+    went wrong. Safe to call from several threads at once, even for the same
+    digest: each call has its own temporary file and the rename is atomic.
+    """
+    folder = os.path.dirname(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with open(descriptor, "wb", buffering=0) as file:
+            written = hash_stream(stream, digest, size, sink=file)
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+    log.debug("wrote blob %s (%d bytes) to %s", digest, written, path)
+    return written
