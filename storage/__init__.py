@@ -39,10 +39,12 @@ from storage.plan import (
     verify_blob,
 )
 from storage.source import DirImageSource
+from storage.transfer import BlobTransfer, transfer_blob
 
 __all__ = [
     "BlobNotFound",
     "BlobRef",
+    "BlobTransfer",
     "Digest",
     "DigestMismatch",
     "DirImageDestination",
@@ -69,5 +71,6 @@ __all__ = [
     "parse_digest",
     "parse_manifest",
     "plan_image",
+    "transfer_blob",
     "verify_blob",
 ]

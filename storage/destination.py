@@ -89,13 +89,21 @@ class DirImageDestination:
         digest = parse_digest(digest)
         return write_blob_atomically(self.blob_path(digest), digest, stream, size)
 
-    def put_manifest(self, data: bytes, instance: "str | Digest | None" = None) -> None:
+    def put_manifest(
+        self,
+        data: bytes,
+        instance: "str | Digest | None" = None,
+        layout_version: str | None = None,
+    ) -> None:
         """Write the top-level manifest, or the manifest of list instance `instance`.
 
         Writing the top-level manifest is the commit point of a copy, so the folder
-        is synced afterwards to make every earlier rename durable with it.
+        is synced afterwards to make every earlier rename durable with it. With
+        `layout_version`, the version file is brought up to date just before.
         """
         digest = parse_digest(instance) if instance is not None else None
+        if layout_version is not None:
+            self.put_version(layout_version)
         write_atomically(layout.manifest_path(self.path, digest), data)
         if digest is None:
             fsync_folder(self.path)

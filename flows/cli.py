@@ -1,0 +1,221 @@
+"""The `dirimage` command line.
+
+Exit status: 0 on success, 1 when the work failed (with a one-line error on
+stderr), 2 for usage errors and for `inspect` of a folder that is not an image.
+Prefect is imported only by the commands that run flows.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import storage
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MIB = 1024 * 1024
+
+
+def _prepare_prefect(verbose: bool) -> None:
+    """Set Prefect defaults for a command-line run; the user's settings win.
+
+    Must run before Prefect is imported: it reads its settings at import.
+    """
+    if not verbose:
+        # Prefect's per-task INFO lines would bury the progress bar; they still
+        # reach the server when one is configured.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+
+class ProgressBar:
+    """A one-line progress bar with bytes and speed, for terminals."""
+
+    WIDTH = 30
+
+    def __init__(self, stream, label: str):
+        self.stream = stream
+        self.label = label
+        self.drawn = False
+
+    def __call__(self, progress) -> None:
+        total = max(progress.total_bytes, 1)
+        fraction = min(progress.done_bytes / total, 1.0)
+        if not progress.total_bytes and progress.total_items:
+            fraction = progress.done_items / progress.total_items
+        filled = int(fraction * self.WIDTH)
+        speed = progress.done_bytes / MIB / max(progress.seconds, 1e-6)
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
+            f"{fraction * 100:5.1f}% {progress.done_bytes / MIB:8.1f}/"
+            f"{progress.total_bytes / MIB:.1f} MiB {speed:7.1f} MiB/s "
+            f"{progress.done_items}/{progress.total_items} blobs"
+        )
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _with_progress_bar(label: str, run):
+    """Call `run()` with a progress bar on stderr when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return run()
+    from flows.progress import add_listener, remove_listener
+
+    bar = ProgressBar(sys.stderr, label)
+    add_listener(bar)
+    try:
+        return run()
+    finally:
+        remove_listener(bar)
+        bar.close()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, found {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, found {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, found {value}")
+    return value
+
+
+def _platform(text: str) -> str:
+    try:
+        storage.Platform.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def run_inspect(args) -> int:
+    try:
+        description = storage.describe_image(_strip_dir(args.image))
+    except storage.ImageError as error:
+        print(f"dirimage: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(description, indent=2))
+    return EXIT_OK
+
+
+def _strip_dir(location: str) -> str:
+    return location[len("dir:") :] if location.startswith("dir:") else location
+
+
+def run_copy(args) -> int:
+    _prepare_prefect(args.verbose)
+    from flows.copy import copy_image
+
+    def run():
+        return copy_image(
+            args.source,
+            args.destination,
+            parallel=args.parallel,
+            retries=args.retries,
+            retry_delay=args.retry_delay,
+            remove_signatures=args.remove_signatures,
+            platform=args.platform,
+        )
+
+    summary = _with_progress_bar("copy", run)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(
+            f"copied {summary.blobs_copied} blobs "
+            f"({summary.bytes_copied / MIB:.1f} MiB), reused {summary.blobs_reused} "
+            f"({summary.bytes_reused / MIB:.1f} MiB), {summary.signatures} "
+            f"signatures; {summary.destination} now holds {summary.manifest_digest}"
+        )
+    return EXIT_OK
+
+
+def run_verify(args) -> int:
+    _prepare_prefect(args.verbose)
+    from flows.copy import ImageCorrupt, verify_image
+
+    try:
+        report = verify_image(args.image, parallel=args.parallel)
+    except ImageCorrupt as error:
+        for problem in error.problems:
+            print(f"dirimage: {problem}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"path": error.path, "problems": error.problems}))
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(report.__dict__, indent=2))
+    else:
+        print(
+            f"{report.path}: {report.blobs_checked} blobs "
+            f"({report.bytes_checked / MIB:.1f} MiB) intact"
+        )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dirimage",
+        description="Copy, verify and inspect container images in dir: folders.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="describe an image as JSON")
+    inspect.add_argument("image", metavar="DIR")
+    inspect.set_defaults(run=run_inspect)
+
+    copy = commands.add_parser("copy", help="copy an image between two folders")
+    copy.add_argument("source", metavar="SRC")
+    copy.add_argument("destination", metavar="DST")
+    copy.add_argument("--parallel", type=_positive, default=8, metavar="N")
+    copy.add_argument("--retries", type=_non_negative_int, default=3, metavar="N")
+    copy.add_argument(
+        "--retry-delay", type=_non_negative_float, default=1.0, metavar="S"
+    )
+    copy.add_argument("--remove-signatures", action="store_true")
+    copy.add_argument("--platform", type=_platform, metavar="OS/ARCH[/VARIANT]")
+    copy.add_argument("--json", action="store_true", help="print the summary as JSON")
+    copy.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")
+    copy.set_defaults(run=run_copy)
+
+    verify = commands.add_parser("verify", help="check every blob of an image")
+    verify.add_argument("image", metavar="DIR")
+    verify.add_argument("--parallel", type=_positive, default=8, metavar="N")
+    verify.add_argument("--json", action="store_true")
+    verify.add_argument("-v", "--verbose", action="store_true")
+    verify.set_defaults(run=run_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("dirimage: interrupted", file=sys.stderr)
+        return 130
+    except (storage.ImageError, ValueError, OSError) as error:
+        print(f"dirimage: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

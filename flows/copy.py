@@ -1,0 +1,344 @@
+"""The copy_image and verify_image flows."""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.tasks import exponential_backoff
+from pydantic import Field
+
+import storage
+import tasks
+from flows.bounded import run_bounded
+from flows.progress import ProgressTracker
+from storage.manifest import BlobRef
+from storage.transfer import COPIED, REUSED, BlobTransfer
+
+# Blobs below this size travel in batches (see tasks.copy_blobs); above it, each
+# has its own task, so a failure names it and its retries repeat only it.
+SMALL_BLOB_SIZE = 4 * 1024 * 1024
+MAX_BATCH_BLOBS = 256
+MIB = 1024 * 1024
+
+
+class ImageCorrupt(storage.ImageError, ValueError):
+    """An image folder is missing files or holds files with the wrong content."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        first = problems[0] if problems else "no details"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{path} is damaged: {first}{more}")
+
+
+@dataclass
+class CopySummary:
+    """The outcome of one copy, as `copy_image` returns it."""
+
+    source: str
+    destination: str
+    manifest_digest: str
+    media_type: str
+    blobs_copied: int
+    blobs_reused: int
+    bytes_copied: int
+    bytes_reused: int
+    signatures: int
+    removed_files: list[str]
+    transfer_seconds: float
+    seconds: float
+    transfers: list[BlobTransfer] = field(default_factory=list, repr=False)
+
+    def as_dict(self, with_transfers: bool = False) -> dict:
+        data = asdict(self)
+        if not with_transfers:
+            data.pop("transfers")
+        return data
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of `verify_image`: an empty `problems` list means intact."""
+
+    path: str
+    manifest_digest: str
+    blobs_checked: int
+    bytes_checked: int
+    seconds: float
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def image_path(location: str) -> str:
+    """An absolute folder path from `location`, accepting skopeo's `dir:` prefix."""
+    if location.startswith("dir:"):
+        location = location[len("dir:") :]
+    if not location:
+        raise ValueError("an image path must not be empty")
+    return os.path.abspath(location)
+
+
+def check_distinct(source: str, destination: str) -> None:
+    """Refuse a copy of an image onto itself or into a folder inside its source."""
+    real_source = os.path.realpath(source)
+    real_destination = os.path.realpath(destination)
+    if real_source == real_destination:
+        raise ValueError(f"refusing to copy {source} onto itself")
+    if os.path.commonpath([real_source, real_destination]) == real_source:
+        raise ValueError(
+            f"refusing to copy {source} into {destination}, a folder inside it"
+        )
+
+
+def batch_blobs(blobs: list[BlobRef], parallel: int) -> list[list[BlobRef]]:
+    """Split blobs into work units: one per large blob, batches of small ones.
+
+    Large blobs come first and biggest first, so the longest copies start early;
+    small blobs are spread over up to `parallel` batches so they still overlap.
+    """
+    large = [b for b in blobs if b.size is None or b.size >= SMALL_BLOB_SIZE]
+    small = [b for b in blobs if b.size is not None and b.size < SMALL_BLOB_SIZE]
+    large.sort(key=lambda blob: -(blob.size or 0))
+
+    units = [[blob] for blob in large]
+    if small:
+        count = max(min(parallel, len(small)), math.ceil(len(small) / MAX_BATCH_BLOBS))
+        units += [small[start::count] for start in range(count)]
+    return units
+
+
+def _copy_task(retries: int, retry_delay: float, retry_jitter: float, single: bool):
+    task = tasks.copy_blob if single else tasks.copy_blobs
+    if retries <= 0:
+        return task.with_options(retries=0)
+    return task.with_options(
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(retry_delay),
+        retry_jitter_factor=retry_jitter if retry_jitter > 0 else None,
+        retry_condition_fn=tasks.retry_transient,
+    )
+
+
+def _transfer_table(transfers: list[BlobTransfer]) -> list[dict]:
+    return [
+        {
+            "blob": transfer.digest,
+            "size": transfer.size,
+            "action": transfer.action,
+            "seconds": round(transfer.seconds, 3),
+            "worker": transfer.worker,
+        }
+        for transfer in transfers
+    ]
+
+
+def copy_blobs_bounded(
+    source: str,
+    destination: str,
+    blobs: list[BlobRef],
+    parallel: int,
+    retries: int,
+    retry_delay: float,
+    retry_jitter: float,
+    description: str,
+) -> list[BlobTransfer]:
+    """Copy `blobs` with at most `parallel` tasks in flight; returns every transfer.
+
+    Shared by the flows that copy blobs: they differ in what they plan, not here.
+    """
+    single_task = _copy_task(retries, retry_delay, retry_jitter, single=True)
+    batch_task = _copy_task(retries, retry_delay, retry_jitter, single=False)
+    total = sum(blob.size or 0 for blob in blobs)
+    tracker = ProgressTracker(total, len(blobs), description)
+    transfers: list[BlobTransfer] = []
+
+    def submit(unit: list[BlobRef]):
+        if len(unit) == 1:
+            blob = unit[0]
+            return single_task.submit(
+                source, destination, blob.digest, blob.size, blob.optional
+            )
+        return batch_task.submit(source, destination, unit)
+
+    def record(unit: list[BlobRef], result) -> None:
+        done = [result] if isinstance(result, BlobTransfer) else list(result)
+        transfers.extend(done)
+        tracker.advance(len(done), sum(transfer.size for transfer in done))
+
+    run_bounded(batch_blobs(blobs, parallel), submit, parallel, record)
+    tracker.finish()
+    return transfers
+
+
+Parallel = Annotated[int, Field(ge=1, le=256)]
+Retries = Annotated[int, Field(ge=0, le=50)]
+Seconds = Annotated[float, Field(ge=0, le=3600)]
+
+
+@flow(name="copy-image", persist_result=False)
+def copy_image(
+    source: str,
+    destination: str,
+    parallel: Parallel = 8,
+    retries: Retries = 3,
+    retry_delay: Seconds = 1.0,
+    retry_jitter: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    remove_signatures: bool = False,
+    platform: Annotated[str | None, Field(pattern=r"^[^/]+/[^/]+(/[^/]+)?$")] = None,
+) -> CopySummary:
+    """Copy a container image between two dir: folders, verified and resumable.
+
+    Blobs already in the destination are kept when their bytes match their
+    digest; the rest are copied in parallel, each verified before it is renamed
+    into place. The destination's previous image stays readable until the new
+    top-level manifest replaces it; only then are its unused files removed.
+
+    Args:
+        source: Folder of the image to copy (a `dir:` prefix is accepted).
+        destination: Folder to copy into: new, empty, or holding an image.
+        parallel: How many blob copies may run at once.
+        retries: How often a blob copy is retried after a transient I/O error.
+        retry_delay: Seconds before the first retry; doubled for each next one.
+        retry_jitter: Random spread of retry delays, as a fraction of the delay.
+        remove_signatures: Leave signatures out of the copy.
+        platform: `os/arch[/variant]` to copy one instance of a multi-platform
+            image as a single image; by default every instance is copied.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    source, destination = image_path(source), image_path(destination)
+    check_distinct(source, destination)
+    storage.DirImageSource(source)
+
+    plan = tasks.plan_image(source, platform)
+    storage.DirImageDestination(destination)
+    with storage.ImageLock(destination):
+        transfer_started = time.perf_counter()
+        transfers = copy_blobs_bounded(
+            source,
+            destination,
+            list(plan.blobs),
+            parallel,
+            retries,
+            retry_delay,
+            retry_jitter,
+            f"Copying {len(plan.blobs)} blobs into {destination}",
+        )
+        transfer_seconds = time.perf_counter() - transfer_started
+
+        signatures = _copy_signatures(source, destination, plan, remove_signatures)
+        for instance in plan.instances:
+            tasks.put_manifest(destination, instance.data, instance.digest)
+        tasks.put_manifest(destination, plan.manifest, None, plan.layout_version)
+        removed = tasks.remove_unused(destination, sorted(plan.digests))
+
+    copied = [t for t in transfers if t.action == COPIED]
+    reused = [t for t in transfers if t.action == REUSED]
+    summary = CopySummary(
+        source=source,
+        destination=destination,
+        manifest_digest=plan.manifest_digest,
+        media_type=plan.media_type,
+        blobs_copied=len(copied),
+        blobs_reused=len(reused),
+        bytes_copied=sum(t.size for t in copied),
+        bytes_reused=sum(t.size for t in reused),
+        signatures=signatures,
+        removed_files=removed,
+        transfer_seconds=round(transfer_seconds, 3),
+        seconds=round(time.perf_counter() - started, 3),
+        transfers=transfers,
+    )
+    _report_copy(logger, summary)
+    return summary
+
+
+def _copy_signatures(source, destination, plan, remove_signatures: bool) -> int:
+    """Copy top-level and per-instance signatures; returns the top-level count."""
+
+    def read(instance: str | None) -> list[bytes]:
+        return [] if remove_signatures else tasks.get_signatures(source, instance)
+
+    top = read(plan.signature_instance)
+    tasks.put_signatures(destination, top)
+    for instance in plan.instances:
+        tasks.put_signatures(destination, read(instance.digest), instance.digest)
+    return len(top)
+
+
+def _report_copy(logger, summary: CopySummary) -> None:
+    rate = summary.bytes_copied / MIB / max(summary.transfer_seconds, 1e-6)
+    logger.info(
+        "Copied %d blobs (%.1f MiB) and reused %d (%.1f MiB) in %.2f s: %.1f MiB/s",
+        summary.blobs_copied,
+        summary.bytes_copied / MIB,
+        summary.blobs_reused,
+        summary.bytes_reused / MIB,
+        summary.transfer_seconds,
+        rate,
+    )
+    create_table_artifact(
+        table=_transfer_table(summary.transfers),
+        description=(
+            f"**{summary.source}** to **{summary.destination}**: "
+            f"{summary.blobs_copied} blobs copied "
+            f"({summary.bytes_copied / MIB:.1f} MiB), "
+            f"{summary.blobs_reused} reused ({summary.bytes_reused / MIB:.1f} MiB), "
+            f"{summary.signatures} signatures, "
+            f"manifest {summary.manifest_digest}, {summary.seconds:.2f} s."
+        ),
+    )
+
+
+@flow(name="verify-image", persist_result=False)
+def verify_image(path: str, parallel: Parallel = 8) -> VerifyReport:
+    """Hash every blob of an image in parallel and report what is missing or corrupt.
+
+    Args:
+        path: Folder of the image to check (a `dir:` prefix is accepted).
+        parallel: How many blobs may be hashed at once.
+
+    Raises:
+        ImageCorrupt: Something is missing or corrupt; `problems` lists it all.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    path = image_path(path)
+    plan = tasks.plan_image(path, None, strict=False)
+    problems = list(plan.problems)
+
+    def submit(unit: list[BlobRef]):
+        return tasks.verify_blobs.submit(path, unit)
+
+    def record(unit: list[BlobRef], result: list[str | None]) -> None:
+        problems.extend(problem for problem in result if problem)
+
+    run_bounded(batch_blobs(list(plan.blobs), parallel), submit, parallel, record)
+    report = VerifyReport(
+        path=path,
+        manifest_digest=plan.manifest_digest,
+        blobs_checked=len(plan.blobs),
+        bytes_checked=plan.total_bytes,
+        seconds=round(time.perf_counter() - started, 3),
+        problems=problems,
+    )
+    if problems:
+        for problem in problems:
+            logger.error("%s", problem)
+        raise ImageCorrupt(path, problems)
+    logger.info(
+        "Verified %d blobs (%.1f MiB) of %s in %.2f s",
+        report.blobs_checked,
+        report.bytes_checked / MIB,
+        path,
+        report.seconds,
+    )
+    return report

@@ -1,0 +1,29 @@
+"""Prefect tasks, one per storage operation on a dir: image."""
+
+from tasks.image import (
+    copy_blob,
+    copy_blobs,
+    get_manifest,
+    get_signatures,
+    plan_image,
+    put_manifest,
+    put_signatures,
+    remove_unused,
+    retry_transient,
+    verify_blob,
+    verify_blobs,
+)
+
+__all__ = [
+    "copy_blob",
+    "copy_blobs",
+    "get_manifest",
+    "get_signatures",
+    "plan_image",
+    "put_manifest",
+    "put_signatures",
+    "remove_unused",
+    "retry_transient",
+    "verify_blob",
+    "verify_blobs",
+]

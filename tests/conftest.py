@@ -1,0 +1,47 @@
+"""Shared fixtures: real dir: images built once per session by imagekit."""
+
+from pathlib import Path
+
+import pytest
+
+import imagekit
+
+
+@pytest.fixture(scope="session")
+def image_factory_dir(tmp_path_factory) -> Path:
+    """A session-wide folder where the cached images and their scratch live."""
+    return tmp_path_factory.mktemp("image-factory")
+
+
+@pytest.fixture(scope="session")
+def dir_images(image_factory_dir) -> imagekit.DirImageCache:
+    """Kind to dir: image path, each built on first access; never modify these."""
+    return imagekit.DirImageCache(image_factory_dir)
+
+
+@pytest.fixture
+def fresh_image(dir_images, tmp_path):
+    """Return a function that copies a cached image of a kind into tmp_path."""
+
+    def copy_of(kind: str) -> Path:
+        destination = tmp_path / kind
+        copy_number = 2
+        while destination.exists():
+            destination = tmp_path / f"{kind}-{copy_number}"
+            copy_number += 1
+        return imagekit.copy_image(dir_images[kind], destination)
+
+    return copy_of
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API for the whole session, with its own database.
+
+    Flow tests request this so they never touch the user's Prefect home, and so
+    the server's start-up cost is paid once.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

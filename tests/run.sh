@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine for the test suite, then run it.
+#
+#   bash tests/run.sh            the whole suite, as CI runs it
+#   bash tests/run.sh -k copy    extra arguments go to pytest
+#
+# Installs the Debian packages the tests drive (skopeo, umoci, gnupg, chromium)
+# when run as root or with sudo, makes a virtualenv in .venv, installs the project
+# with its test extra, and runs pytest. Tests start and stop their own servers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+debian_packages=(skopeo umoci gnupg chromium util-linux)
+missing=()
+for package in "${debian_packages[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+
+exec .venv/bin/python -m pytest "$@"
