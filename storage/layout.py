@@ -87,8 +87,13 @@ def signature_path(root: str, number: int, instance: Digest | None = None) -> st
     return os.path.join(root, f"{digest_stem(instance)}.signature-{number}")
 
 
-_ALGORITHMS = "|".join(HEX_LENGTHS)
-_STEM = rf"(?:[0-9a-f]{{64}}|(?:{_ALGORITHMS})-[0-9a-f]+)"
+# Exactly the stems digest_stem produces: bare hex for sha256, algorithm-hex of the
+# algorithm's own length otherwise. Anything looser would let remove_unused delete a
+# foreign file such as `sha512-abc`.
+_STEM = "(?:" + "|".join(
+    "[0-9a-f]{64}" if algorithm == "sha256" else f"{algorithm}-[0-9a-f]{{{length}}}"
+    for algorithm, length in HEX_LENGTHS.items()
+) + ")"
 _LAYOUT_NAMES = [
     ("version", re.compile(re.escape(VERSION_FILE))),
     ("manifest", re.compile(re.escape(MANIFEST_FILE))),
@@ -132,6 +137,10 @@ def read_layout_version(root: str) -> str:
         ) from None
     except NotADirectoryError:
         raise NotAnImage(f"{root} is not a folder") from None
+    except IsADirectoryError:
+        raise NotAnImage(
+            f"{version_path(root)} is a folder; expected a {VERSION_FILE} file"
+        ) from None
 
     for version in KNOWN_VERSIONS:
         if content == version_text(version):
