@@ -22,9 +22,10 @@ def _prepare_prefect(verbose: bool) -> None:
     Must run before Prefect is imported: it reads its settings at import.
     """
     if not verbose:
-        # Prefect's per-task INFO lines would bury the progress bar; they still
-        # reach the server when one is configured.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # Prefect's per-task lines would bury the progress bar, and its failure
+        # tracebacks would bury the one-line error this command prints itself;
+        # they still reach the server when one is configured.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 
 class ProgressBar:
@@ -92,6 +93,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, found {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, found {value}")
     return value
 
 
@@ -167,6 +175,34 @@ def run_verify(args) -> int:
     return EXIT_OK
 
 
+def run_serve(args) -> int:
+    _prepare_prefect(verbose=True)
+    from flows.serve import ServeConfigError, build_deployments, serve_flows
+
+    try:
+        deployments = build_deployments(
+            name=args.name,
+            scheduled_flow=args.flow,
+            cron=args.cron,
+            interval=args.interval,
+            parameters=dict(args.param),
+        )
+        serve_flows(deployments, limit=args.limit)
+    except ServeConfigError as error:
+        print(f"dirimage: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _param(text: str) -> tuple[str, object]:
+    from flows.serve import ServeConfigError, parse_param
+
+    try:
+        return parse_param(text)
+    except ServeConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dirimage",
@@ -198,6 +234,41 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true")
     verify.add_argument("-v", "--verbose", action="store_true")
     verify.set_defaults(run=run_verify)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the flows as Prefect deployments until SIGTERM",
+        description=(
+            "Register a deployment of each flow with the server named by "
+            "PREFECT_API_URL and run what it schedules, until SIGTERM or Ctrl-C. "
+            "The schedule and --param defaults belong to the --flow deployment."
+        ),
+    )
+    serve.add_argument(
+        "--name", default="serve", help="deployment name (default: serve)"
+    )
+    serve.add_argument(
+        "--flow",
+        default="copy-image",
+        help="flow that gets the schedule and defaults (default: copy-image)",
+    )
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", metavar="EXPR", help="cron schedule, e.g. '0 3 * * *'")
+    when.add_argument(
+        "--interval", type=_positive_float, metavar="SECONDS", help="run every N s"
+    )
+    serve.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="default parameter, VALUE as JSON or text; repeatable",
+    )
+    serve.add_argument(
+        "--limit", type=_positive, metavar="N", help="at most N runs at once"
+    )
+    serve.set_defaults(run=run_serve)
     return parser
 
 

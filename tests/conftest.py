@@ -1,5 +1,6 @@
 """Shared fixtures: real dir: images built once per session by imagekit."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,17 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def cli_env(prefect_api, tmp_path_factory) -> dict[str, str]:
+    """Environment for `dirimage` subprocesses that run flows: they talk to the
+    session's Prefect API (a first flow within seconds, not a server start per
+    process) and keep their Prefect home in a temporary folder."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
