@@ -256,10 +256,12 @@ def parse_manifest(data: bytes) -> Manifest:
     document = _object(document, "the document")
 
     schema_version = document.get("schemaVersion")
+    # True == 1 and 2.0 == 2 in Python; containers/image reads an integer and
+    # refuses both, so compare the type first.
+    if type(schema_version) is not int or schema_version not in (1, 2):
+        raise _fail(f"schemaVersion must be 1 or 2, found {schema_version!r}")
     if schema_version == 1:
         return _parse_schema1(data, document)
-    if schema_version != 2 or isinstance(schema_version, bool):
-        raise _fail(f"schemaVersion must be 1 or 2, found {schema_version!r}")
 
     media_type = document.get("mediaType")
     if media_type is None:
