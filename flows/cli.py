@@ -26,6 +26,9 @@ def _prepare_prefect(verbose: bool) -> None:
         # tracebacks would bury the one-line error this command prints itself;
         # they still reach the server when one is configured.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # With no PREFECT_API_URL, Prefect starts a temporary server and gives up
+    # after 20 s; on a busy two-core machine its start alone took longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 class ProgressBar:
@@ -281,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (storage.ImageError, ValueError, OSError) as error:
         print(f"dirimage: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as error:
+        # Failures of Prefect itself (a server that does not start, a parameter
+        # it rejects) get one line too; -v shows Prefect's own account of them.
+        print(f"dirimage: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
         return EXIT_FAILED
 
 
