@@ -662,6 +662,62 @@ def copy_image(source: Path | str, destination: Path | str) -> Path:
     return destination
 
 
+def write_layered_image(
+    destination: Path | str, layer_sizes: list[int], seed: str = "layered"
+) -> Path:
+    """Write a dir: image with one uncompressed tar layer per size, directly.
+
+    Each layer holds one file of pseudo-random bytes of about that size, so big
+    images cost seconds, not the minutes umoci needs to repack them. The config
+    lists the layers as its diff IDs, as an uncompressed image must. Returns the
+    image folder, which must not exist yet.
+    """
+    import io
+    import tarfile
+
+    destination = Path(destination)
+    destination.mkdir(parents=True)
+
+    def store(data: bytes) -> dict:
+        hex_digest = hashlib.sha256(data).hexdigest()
+        (destination / hex_digest).write_bytes(data)
+        return {"digest": f"sha256:{hex_digest}", "size": len(data)}
+
+    layer_descriptors = []
+    for number, size in enumerate(layer_sizes, start=1):
+        content = pseudo_random_bytes(f"{seed}/{number}", size)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            member = tarfile.TarInfo(f"data/layer-{number}.bin")
+            member.size, member.mtime, member.mode = size, FIXED_MTIME, 0o644
+            tar.addfile(member, io.BytesIO(content))
+        media_type = "application/vnd.oci.image.layer.v1.tar"
+        layer_descriptors.append({"mediaType": media_type, **store(buffer.getvalue())})
+    config = {
+        "created": FIXED_CREATED,
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": [d["digest"] for d in layer_descriptors],
+        },
+    }
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            **store(config_bytes),
+        },
+        "layers": layer_descriptors,
+    }
+    (destination / "manifest.json").write_bytes(json.dumps(manifest).encode())
+    (destination / "version").write_text(DIR_VERSION_1_1)
+    return destination
+
+
 class DirImageCache(Mapping[str, Path]):
     """A mapping from kind to dir: image that builds each image on first use."""
 
