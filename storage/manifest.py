@@ -173,7 +173,7 @@ def schema1_payload(data: bytes, document: dict) -> bytes:
         format_length = header["formatLength"]
         padded_tail = header["formatTail"] + "=" * (-len(header["formatTail"]) % 4)
         format_tail = base64.urlsafe_b64decode(padded_tail)
-    except (KeyError, TypeError, ValueError, binascii.Error) as error:
+    except (KeyError, TypeError, ValueError, RecursionError, binascii.Error) as error:
         raise _fail(
             f"signed schema 1 manifest has a bad protected header: {error}"
         ) from None
@@ -186,7 +186,7 @@ def manifest_digest(data: bytes, algorithm: str = "sha256") -> Digest:
     """The digest that names manifest `data`, as registries and skopeo compute it."""
     try:
         document = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return digest_of(data, algorithm)
     if isinstance(document, dict) and document.get("schemaVersion") == 1:
         return digest_of(schema1_payload(data, document), algorithm)
@@ -251,7 +251,8 @@ def parse_manifest(data: bytes) -> Manifest:
     """Parse manifest `data`, raising `InvalidManifest` with what was wrong."""
     try:
         document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:
+        # json raises RecursionError for deeply nested arrays: hostile, not a crash.
         raise _fail(f"not valid JSON: {error}") from None
     document = _object(document, "the document")
 
