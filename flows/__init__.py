@@ -12,6 +12,11 @@ _FLOWS = {
     "CopySummary": "flows.copy",
     "VerifyReport": "flows.copy",
     "ImageCorrupt": "flows.copy",
+    "sync_images": "flows.sync",
+    "verify_images": "flows.sync",
+    "SyncSummary": "flows.sync",
+    "SyncFailed": "flows.sync",
+    "delete_image": "flows.delete",
 }
 
 __all__ = sorted(_FLOWS)

@@ -10,12 +10,15 @@ def run_bounded(
     submit: Callable[[Any], Any],
     limit: int,
     on_result: Callable[[Any, Any], None],
+    on_error: Callable[[Any, Exception], None] | None = None,
 ) -> None:
     """Submit `submit(item)` for each item, keeping at most `limit` unfinished.
 
     `on_result(item, result)` is called in this thread as each finishes. After the
     first failure nothing new is submitted; the ones in flight are waited for (so
     no write is still running when the caller reports), then the failure is raised.
+    With `on_error`, a failure is handed to `on_error(item, error)` instead and
+    the remaining items still run.
 
     Bounding here rather than in the task runner works the same on threads and on
     Dask, and with a runner fixed at deployment time.
@@ -47,7 +50,10 @@ def run_bounded(
         try:
             result = future.result()
         except Exception as error:
-            if first_error is None:
+            if on_error is not None:
+                on_error(item, error)
+                submit_next()
+            elif first_error is None:
                 first_error = error
             continue
         on_result(item, result)

@@ -158,6 +158,8 @@ def run_copy(args) -> int:
 
 def run_verify(args) -> int:
     _prepare_prefect(args.verbose)
+    if _holds_images_below(_strip_dir(args.image)):
+        return _run_verify_tree(args)
     from flows.copy import ImageCorrupt, verify_image
 
     try:
@@ -206,6 +208,98 @@ def _param(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _holds_images_below(path: str) -> bool:
+    """Whether `path` is a folder that is not itself an image (so maybe a root)."""
+    return (
+        os.path.isdir(path)
+        and not os.path.lexists(os.path.join(path, "manifest.json"))
+        and not os.path.lexists(os.path.join(path, "version"))
+    )
+
+
+def _run_verify_tree(args) -> int:
+    from flows.copy import ImageCorrupt
+    from flows.sync import verify_images
+
+    try:
+        reports = verify_images(args.image, parallel=args.parallel)
+    except ImageCorrupt as error:
+        for problem in error.problems:
+            print(f"dirimage: {problem}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"path": error.path, "problems": error.problems}))
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps([report.__dict__ for report in reports], indent=2))
+    else:
+        for report in reports:
+            print(
+                f"{report.path}: {report.blobs_checked} blobs "
+                f"({report.bytes_checked / MIB:.1f} MiB) intact"
+            )
+    return EXIT_OK
+
+
+def run_sync(args) -> int:
+    _prepare_prefect(args.verbose)
+    from flows.sync import SyncFailed, sync_images
+
+    def run():
+        return sync_images(
+            args.source,
+            args.destination,
+            parallel=args.parallel,
+            retries=args.retries,
+            retry_delay=args.retry_delay,
+            prune=args.prune,
+            link=args.link,
+        )
+
+    try:
+        summary = _with_progress_bar("sync", run)
+        status = EXIT_OK
+    except SyncFailed as error:
+        summary, status = error.summary, EXIT_FAILED
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        for image in summary.images:
+            detail = f": {image.error}" if image.error else ""
+            print(
+                f"{image.status:8} {image.image} "
+                f"({image.bytes_from_source / MIB:.1f} MiB from source){detail}"
+            )
+    for image in summary.failed:
+        print(f"dirimage: {image.image}: {image.error}", file=sys.stderr)
+    return status
+
+
+def run_delete(args) -> int:
+    path = os.path.abspath(_strip_dir(args.image))
+    if os.path.lexists(path):
+        # Refuse before paying for Prefect's start-up.
+        from storage.delete import check_deletable
+
+        check_deletable(path)
+    _prepare_prefect(args.verbose)
+    from flows.delete import delete_image
+
+    result = delete_image(args.image, wait=args.wait)
+    if result.left:
+        print(
+            f"dirimage: warning: left {len(result.left)} entries in {result.path} "
+            f"that are not part of the image: {', '.join(result.left)}",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps(result.__dict__, indent=2))
+    elif not result.existed:
+        print(f"{result.path}: nothing to delete")
+    else:
+        print(f"{result.path}: deleted {len(result.removed)} files")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dirimage",
@@ -237,6 +331,55 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true")
     verify.add_argument("-v", "--verbose", action="store_true")
     verify.set_defaults(run=run_verify)
+
+    sync = commands.add_parser(
+        "sync",
+        help="mirror every image under a folder into another",
+        description=(
+            "Copy every image folder under SRC (any depth) to the same path under "
+            "DST. Images DST already holds unchanged are skipped; shared blobs are "
+            "read once. Exit status 1 when any image failed."
+        ),
+    )
+    sync.add_argument("source", metavar="SRC")
+    sync.add_argument("destination", metavar="DST")
+    sync.add_argument("--parallel", type=_positive, default=8, metavar="N")
+    sync.add_argument("--retries", type=_non_negative_int, default=3, metavar="N")
+    sync.add_argument(
+        "--retry-delay", type=_non_negative_float, default=1.0, metavar="S"
+    )
+    sync.add_argument(
+        "--prune", action="store_true", help="delete images gone from SRC in DST"
+    )
+    sync.add_argument(
+        "--link",
+        action="store_true",
+        help="store identical blobs of DST's images once (reflink or hard link)",
+    )
+    sync.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sync.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")
+    sync.set_defaults(run=run_sync)
+
+    delete = commands.add_parser(
+        "delete",
+        help="delete an image folder (its layout files only)",
+        description=(
+            "Remove the manifests, blobs, signatures, version, lock and temporary "
+            "files of the image in DIR, then DIR when it is empty. Other files "
+            "stay, with a warning. A missing DIR is not an error."
+        ),
+    )
+    delete.add_argument("image", metavar="DIR")
+    delete.add_argument(
+        "--wait",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="seconds to wait for a copy into DIR to finish",
+    )
+    delete.add_argument("--json", action="store_true")
+    delete.add_argument("-v", "--verbose", action="store_true")
+    delete.set_defaults(run=run_delete)
 
     serve = commands.add_parser(
         "serve",

@@ -234,11 +234,7 @@ def copy_image(
         )
         transfer_seconds = time.perf_counter() - transfer_started
 
-        signatures = _copy_signatures(source, destination, plan, remove_signatures)
-        for instance in plan.instances:
-            tasks.put_manifest(destination, instance.data, instance.digest)
-        tasks.put_manifest(destination, plan.manifest, None, plan.layout_version)
-        removed = tasks.remove_unused(destination, sorted(plan.digests))
+        signatures, removed = commit_image(source, destination, plan, remove_signatures)
 
     copied = [t for t in transfers if t.action == COPIED]
     reused = [t for t in transfers if t.action == REUSED]
@@ -259,6 +255,24 @@ def copy_image(
     )
     _report_copy(logger, summary)
     return summary
+
+
+def commit_image(
+    source: str, destination: str, plan, remove_signatures: bool = False
+) -> tuple[int, list[str]]:
+    """Write what follows the blobs of a copy, the top-level manifest last.
+
+    Signatures first, then instance manifests, then the top-level manifest with
+    the layout version (the commit point), then removal of the previous image's
+    unused files. Every blob must be in place; the caller holds the lock.
+    Returns the number of top-level signatures and the names of removed files.
+    """
+    signatures = _copy_signatures(source, destination, plan, remove_signatures)
+    for instance in plan.instances:
+        tasks.put_manifest(destination, instance.data, instance.digest)
+    tasks.put_manifest(destination, plan.manifest, None, plan.layout_version)
+    removed = tasks.remove_unused(destination, sorted(plan.digests))
+    return signatures, removed
 
 
 def _copy_signatures(source, destination, plan, remove_signatures: bool) -> int:

@@ -6,6 +6,7 @@ only the standard library and knows nothing of Prefect, so it can be used and
 tested on its own.
 """
 
+from storage.delete import DeleteResult, delete_image
 from storage.destination import DirImageDestination
 from storage.digest import Digest, digest_of, parse_digest
 from storage.errors import (
@@ -22,6 +23,7 @@ from storage.errors import (
     UnsafePath,
     is_transient,
 )
+from storage.link import link_blob, link_file
 from storage.lock import ImageLock
 from storage.manifest import (
     BlobRef,
@@ -40,11 +42,13 @@ from storage.plan import (
 )
 from storage.source import DirImageSource
 from storage.transfer import BlobTransfer, transfer_blob
+from storage.tree import MirrorPlan, find_images, holds_image, plan_mirror
 
 __all__ = [
     "BlobNotFound",
     "BlobRef",
     "BlobTransfer",
+    "DeleteResult",
     "Digest",
     "DigestMismatch",
     "DirImageDestination",
@@ -58,19 +62,26 @@ __all__ = [
     "InvalidDigest",
     "InvalidManifest",
     "Manifest",
+    "MirrorPlan",
     "NotAnImage",
     "Platform",
     "SizeMismatch",
     "TooLarge",
     "UnsafePath",
     "check_image",
+    "delete_image",
     "describe_image",
     "digest_of",
+    "find_images",
+    "holds_image",
     "is_transient",
+    "link_blob",
+    "link_file",
     "manifest_digest",
     "parse_digest",
     "parse_manifest",
     "plan_image",
+    "plan_mirror",
     "transfer_blob",
     "verify_blob",
 ]

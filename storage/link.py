@@ -1,0 +1,129 @@
+"""Sharing one blob file between images: a reflink where the filesystem offers
+one, else a hard link.
+
+A reflink (the FICLONE ioctl; btrfs, XFS, bcachefs, recent ZFS) gives the target
+its own inode whose extents are shared copy-on-write, so changing one copy never
+changes the other. A hard link is the same inode under two names: a change
+through one name shows under every name, which is why verify hashes every image.
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import time
+
+from storage import layout
+from storage.destination import DirImageDestination
+from storage.digest import parse_digest
+from storage.errors import BlobNotFound
+from storage.transfer import BlobTransfer, _worker_name, transfer_blob
+
+log = logging.getLogger(__name__)
+
+# From linux/fs.h: _IOW(0x94, 9, int).
+FICLONE = 0x40049409
+REFLINK = "reflink"
+HARDLINK = "hardlink"
+LINKED = "linked"
+
+# Errors that mean "this filesystem, or this pair of folders, cannot share".
+_CANNOT_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL}
+_CANNOT_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP}
+
+
+def _temporary_name(folder: str) -> str:
+    return os.path.join(folder, f"{layout.TEMP_PREFIX}{secrets.token_hex(8)}")
+
+
+def _reflink(source: str, temporary: str) -> bool:
+    with open(source, "rb") as reader:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.ioctl(descriptor, FICLONE, reader.fileno())
+            os.fsync(descriptor)
+        except OSError as error:
+            os.close(descriptor)
+            os.unlink(temporary)
+            if error.errno in _CANNOT_REFLINK:
+                return False
+            raise
+        os.close(descriptor)
+    return True
+
+
+def link_file(source: str, target: str) -> str:
+    """Make `target` share the storage of the regular file `source`, atomically.
+
+    The link is made under a temporary name in the target's folder and renamed
+    over `target`, so readers see the old file or the new one, never neither.
+    Returns `REFLINK` or `HARDLINK`. Raises `OSError` (EXDEV across filesystems,
+    EMLINK at the link limit, ...) when neither can be made.
+    """
+    folder = os.path.dirname(target)
+    temporary = _temporary_name(folder)
+    if _reflink(source, temporary):
+        method = REFLINK
+    else:
+        os.link(source, temporary)
+        method = HARDLINK
+    try:
+        os.replace(temporary, target)
+    finally:
+        # rename() of two names of one inode succeeds and leaves both in place.
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+    return method
+
+
+def same_file(first: str, second: str) -> bool:
+    """Whether two paths are names of one inode."""
+    try:
+        return os.path.samefile(first, second)
+    except FileNotFoundError:
+        return False
+
+
+def link_blob(
+    donor: str,
+    destination: str,
+    digest: str,
+    size: int | None = None,
+    optional: bool = False,
+) -> BlobTransfer:
+    """Make blob `digest` of image folder `destination` share the donor's file.
+
+    `donor` is another image folder holding the blob, checked already (a copy
+    verified in this run). A destination blob that is already the donor's
+    inode is `reused`; otherwise it is linked over whatever is there. When the
+    two folders cannot share storage (another filesystem, link limit reached)
+    the blob is copied instead, verified. An optional blob the donor lacks is
+    `absent`.
+    """
+    parsed = parse_digest(digest)
+    started, clock = time.time(), time.perf_counter()
+    target = DirImageDestination(destination)
+    donor_path = DirImageDestination(donor).blob_path(parsed)
+    target_path = target.blob_path(parsed)
+
+    if not os.path.lexists(donor_path):
+        if optional:
+            return BlobTransfer(str(parsed), 0, "absent", started, 0.0, _worker_name())
+        raise BlobNotFound(f"blob {parsed} is missing: {donor_path}")
+    if same_file(donor_path, target_path):
+        action = "reused"
+    else:
+        try:
+            method = link_file(donor_path, target_path)
+        except OSError as error:
+            if error.errno not in _CANNOT_LINK:
+                raise
+            log.debug("cannot link %s (%s); copying it", target_path, error)
+            return transfer_blob(donor, destination, str(parsed), size, optional)
+        log.debug("%s %s to %s", method, donor_path, target_path)
+        action = LINKED
+
+    length = os.path.getsize(target_path)
+    seconds = time.perf_counter() - clock
+    return BlobTransfer(str(parsed), length, action, started, seconds, _worker_name())

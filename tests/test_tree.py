@@ -1,0 +1,118 @@
+"""Finding image folders under a root, linking blobs, and the mirror check."""
+
+import os
+import shutil
+
+import pytest
+
+import storage
+from storage import link
+from storage.tree import ROOT_IMAGE, find_images, holds_image, plan_mirror
+
+
+def make_fake_image(folder) -> None:
+    """A folder that the tree search counts as an image: it has manifest.json."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "manifest.json"), "w") as file:
+        file.write("{}")
+
+
+def test_find_images_at_several_depths(tmp_path):
+    for relative in ("a", "b/c", "b/d/e/f", "g h/i"):
+        make_fake_image(tmp_path / relative)
+    (tmp_path / "b" / "empty").mkdir()
+    (tmp_path / "note.txt").write_text("not an image")
+
+    assert find_images(str(tmp_path)) == ["a", "b/c", "b/d/e/f", "g h/i"]
+
+
+def test_find_images_does_not_descend_into_an_image(tmp_path):
+    make_fake_image(tmp_path / "outer")
+    make_fake_image(tmp_path / "outer" / "inner")
+
+    assert find_images(str(tmp_path)) == ["outer"]
+
+
+def test_find_images_reports_the_root_itself(tmp_path):
+    make_fake_image(tmp_path)
+    make_fake_image(tmp_path / "below")
+
+    assert find_images(str(tmp_path)) == [ROOT_IMAGE]
+
+
+def test_find_images_never_follows_symlinked_folders(tmp_path):
+    outside = tmp_path / "outside"
+    make_fake_image(outside / "secret")
+    root = tmp_path / "root"
+    make_fake_image(root / "real")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "image-link").symlink_to(root / "real", target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+
+    assert find_images(str(root)) == ["real"]
+
+
+def test_find_images_of_missing_root_and_of_a_file(tmp_path):
+    assert find_images(str(tmp_path / "missing")) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(storage.NotAnImage):
+        find_images(str(tmp_path / "file"))
+
+
+def test_link_file_shares_storage_and_replaces_atomically(tmp_path):
+    source = tmp_path / "a" / "blob"
+    source.parent.mkdir()
+    source.write_bytes(b"layer bytes")
+    target_folder = tmp_path / "b"
+    target_folder.mkdir()
+    target = target_folder / "blob"
+    target.write_bytes(b"older bytes")
+
+    method = link.link_file(str(source), str(target))
+
+    assert target.read_bytes() == b"layer bytes"
+    assert method in (link.REFLINK, link.HARDLINK)
+    if method == link.HARDLINK:
+        assert os.stat(source).st_ino == os.stat(target).st_ino
+        assert os.stat(source).st_nlink == 2
+    assert sorted(os.listdir(target_folder)) == ["blob"]
+
+
+def test_link_file_twice_leaves_no_temporary_file(tmp_path):
+    source = tmp_path / "blob"
+    source.write_bytes(b"x" * 10)
+    target_folder = tmp_path / "other"
+    target_folder.mkdir()
+
+    link.link_file(str(source), str(target_folder / "blob"))
+    link.link_file(str(source), str(target_folder / "blob"))
+
+    assert os.listdir(target_folder) == ["blob"]
+
+
+def test_plan_mirror_of_a_real_image(dir_images, tmp_path):
+    source = dir_images["index"]
+    destination = tmp_path / "copy"
+
+    assert not plan_mirror(str(source), str(destination), "x").current
+
+    shutil.copytree(source, destination)
+    mirror = plan_mirror(str(source), str(destination), "x")
+    assert mirror.current
+    assert mirror.plan.instances
+
+    blob = mirror.plan.blobs[0]
+    blob_file = destination / blob.digest.split(":")[1]
+    blob_file.write_bytes(blob_file.read_bytes()[:-1])
+    assert not holds_image(str(destination), mirror.plan)
+
+
+def test_holds_image_notices_changed_signatures(dir_images, tmp_path):
+    source = dir_images["signed"]
+    destination = tmp_path / "copy"
+    shutil.copytree(source, destination)
+    plan = storage.plan_image(str(source))
+    assert holds_image(str(destination), plan)
+
+    (destination / "signature-2").unlink()
+    assert not holds_image(str(destination), plan)
