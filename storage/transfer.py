@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from storage.destination import DirImageDestination
 from storage.digest import parse_digest
-from storage.errors import BlobNotFound
+from storage.errors import BlobNotFound, ImageError
 from storage.source import DirImageSource
 
 log = logging.getLogger(__name__)
@@ -55,22 +55,38 @@ def transfer_blob(
     digest = parse_digest(digest)
     started = time.time()
     clock = time.perf_counter()
-    target = DirImageDestination(destination)
-
-    if target.has_blob(digest, size):
-        action, length = REUSED, os.path.getsize(target.blob_path(digest))
-    else:
-        try:
-            stream, length = DirImageSource(source).get_blob(digest)
-        except BlobNotFound:
-            if not optional:
-                raise
-            action, length = ABSENT, 0
-        else:
-            with stream:
-                length = target.put_blob(digest, stream, size)
-            action = COPIED
+    try:
+        action, length = _make_present(source, destination, digest, size, optional)
+    except ImageError:
+        raise
+    except OSError as error:
+        # A failed read says only "Input/output error"; name the blob, and keep
+        # the errno so that the retry policy still tells transient errors apart.
+        raise _naming_blob(error, digest) from error
 
     seconds = time.perf_counter() - clock
     log.debug("%s blob %s (%d bytes) in %.3f s", action, digest, length, seconds)
     return BlobTransfer(str(digest), length, action, started, seconds, _worker_name())
+
+
+def _make_present(source, destination, digest, size, optional) -> tuple[str, int]:
+    target = DirImageDestination(destination)
+    if target.has_blob(digest, size):
+        return REUSED, os.path.getsize(target.blob_path(digest))
+    try:
+        stream, length = DirImageSource(source).get_blob(digest)
+    except BlobNotFound:
+        if not optional:
+            raise
+        return ABSENT, 0
+    with stream:
+        return COPIED, target.put_blob(digest, stream, size)
+
+
+def _naming_blob(error: OSError, digest) -> OSError:
+    message = f"copying blob {digest}: {error.strerror or error}"
+    if error.errno is None:
+        return OSError(message)
+    if error.filename is None:
+        return OSError(error.errno, message)
+    return OSError(error.errno, message, error.filename)
