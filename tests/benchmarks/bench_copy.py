@@ -4,7 +4,9 @@ Generates images of random, incompressible bytes straight into the dir: layout,
 then runs every copier as a whole process, interleaved round by round, so that
 all ratios come from the same run on the same machine:
 
-- `cp -r SRC DST`
+- `cp -r SRC DST`, and the same followed by `sync` on every copied file: cp
+  leaves its bytes in the page cache, while skopeo and dirimage wait for each
+  blob to reach the disk (fsync) before they rename it into place;
 - `skopeo --insecure-policy copy dir:SRC dir:DST`
 - `dirimage copy --json SRC DST` against a `prefect server start` that this
   script starts on 127.0.0.1 with a temporary PREFECT_HOME (and stops by PID);
@@ -55,6 +57,7 @@ SERVER_START_TIMEOUT = 180
 WRITE_CHUNK = 4 * MIB
 
 CP = "cp"
+CP_SYNC = "cp + sync"
 SKOPEO = "skopeo"
 SERVER = "dirimage (server)"
 RERUN = "dirimage rerun (server)"
@@ -374,6 +377,12 @@ class Bench:
         if copier in DIRIMAGE_RUNS:
             run.summary = parse_summary(output)
         verify_copy(source, destination)
+        print(
+            f"  {spec.name} {copier}: {run.seconds:.2f} s, "
+            f"{run.max_rss / MIB:.0f} MiB max RSS",
+            file=sys.stderr,
+            flush=True,
+        )
         self.copies += 1
         self.results.add(spec.name, copier, run)
         return run
@@ -390,6 +399,13 @@ class Bench:
             cp_destination,
         )
         shutil.rmtree(cp_destination)
+
+        # coreutils sync with file arguments fsyncs each of them.
+        sync_destination = self._fresh("cp-sync")
+        script = 'cp -r "$1" "$2" && sync "$2"/*'
+        command = ["sh", "-c", script, "sh", str(source), str(sync_destination)]
+        self._time(spec, CP_SYNC, command, env, source, sync_destination)
+        shutil.rmtree(sync_destination)
 
         skopeo_destination = self._fresh("skopeo")
         command = [SKOPEO, "--insecure-policy", "copy"]
@@ -440,7 +456,7 @@ def format_table(images: tuple[ImageSpec, ...], results: Results) -> list[str]:
         f"{'max RSS MiB':>11}"
     )
     lines = [header, "-" * len(header)]
-    copiers = (CP, SKOPEO, SERVER, RERUN, EMBEDDED_FIRST, EMBEDDED)
+    copiers = (CP, CP_SYNC, SKOPEO, SERVER, RERUN, EMBEDDED_FIRST, EMBEDDED)
     for spec in images:
         for copier in copiers:
             runs = results.get(spec.name, copier)
@@ -499,6 +515,10 @@ def format_targets(images: tuple[ImageSpec, ...], results: Results) -> list[str]
             cp / transfer,
             0.8,
             at_most=False,
+        )
+        checks.append(
+            f"{'info':<7} {name}: transfer throughput / (cp -r + sync) throughput: "
+            f"{median_of(throughput, CP_SYNC) / transfer:.2f}"
         )
         skopeo = median_of(throughput, SKOPEO)
         check(
