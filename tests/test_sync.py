@@ -1,0 +1,367 @@
+"""Mirroring trees of real skopeo-made images with sync_images."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import imagekit
+from storage import link as storage_link
+from storage.layout import LOCK_FILE
+
+# Relative path in the tree, OCI layout tag, extra skopeo arguments.
+TREE = (
+    ("base", "base", ()),
+    ("team/app-one", "app-one", ()),
+    ("team/nested/deep/app-two", "app-two", ("--format", "v2s2")),
+    ("multi/index", imagekit.INDEX_TAG, ("--all",)),
+    ("platforms/amd64", "amd64", ()),
+)
+
+
+def derive_image(layout_reference: str, new_tag: str, files: dict, workdir: Path):
+    """Tag `new_tag` as the image of `layout_reference` plus a layer of `files`.
+
+    The new image shares every layer of the one it derives from.
+    """
+    umoci = imagekit.require_tool("umoci")
+    layout = layout_reference.rpartition(":")[0]
+    env = imagekit.tool_env(workdir)
+    imagekit.run_tool([umoci, "tag", "--image", layout_reference, new_tag], env=env)
+    bundle = workdir / f"bundle-{new_tag}"
+    image = f"{layout}:{new_tag}"
+    imagekit.run_tool(
+        [umoci, "unpack", "--rootless", "--image", image, str(bundle)], env=env
+    )
+    for relative, content in files.items():
+        target = bundle / "rootfs" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+    imagekit.run_tool([umoci, "repack", "--image", image, str(bundle)], env=env)
+    shutil.rmtree(bundle)
+    return image
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory) -> Path:
+    """A tree of five images at depths 1 to 4, built once; copy it, never modify it.
+
+    base, app-one and app-two share base's two layers; app-two is Docker schema 2;
+    multi/index is an OCI index over amd64 and arm64; platforms/amd64 is the
+    index's amd64 instance on its own, so it shares all its blobs with it.
+    """
+    imagekit.require_tool("skopeo")
+    workdir = tmp_path_factory.mktemp("tree-build")
+    base = imagekit.build_oci_layout(workdir, name="base")
+    derive_image(base, "app-one", {"app/one.txt": "one\n"}, workdir)
+    derive_image(base, "app-two", {"app/two.txt": "two\n"}, workdir)
+    imagekit.build_oci_layout(workdir, name="amd64", arch="amd64")
+    arm64 = imagekit.build_oci_layout(workdir, name="arm64", arch="arm64")
+    imagekit.add_oci_index(
+        arm64,
+        {
+            "amd64": {"architecture": "amd64", "os": "linux"},
+            "arm64": {"architecture": "arm64", "os": "linux", "variant": "v8"},
+        },
+    )
+    layout = workdir / "layout"
+
+    root = workdir / "root"
+    for relative, tag, arguments in TREE:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        imagekit.skopeo_copy_to_dir(
+            f"oci:{layout}:{tag}", root / relative, workdir, list(arguments)
+        )
+    (root / "docs").mkdir()
+    (root / "docs" / "README.txt").write_text("not an image\n")
+    return root
+
+
+@pytest.fixture
+def source(image_tree, tmp_path) -> Path:
+    return Path(shutil.copytree(image_tree, tmp_path / "source", symlinks=True))
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under root with its inode, size and modification time."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            files[os.path.relpath(path, root)] = (
+                info.st_ino,
+                info.st_size,
+                info.st_mtime_ns,
+            )
+    return files
+
+
+def image_files(image: Path) -> dict[str, bytes]:
+    return {
+        entry.name: entry.read_bytes()
+        for entry in image.iterdir()
+        if entry.is_file() and entry.name != LOCK_FILE
+    }
+
+
+def blob_digests(image: Path) -> set[str]:
+    return {blob.name for blob in imagekit.blob_files(image)}
+
+
+def statuses(summary) -> dict[str, str]:
+    return {image.image: image.status for image in summary.images}
+
+
+def test_sync_copies_every_image_reading_shared_blobs_once(
+    source, tmp_path, prefect_api
+):
+    from flows.sync import sync_images
+
+    destination = tmp_path / "mirror"
+
+    summary = sync_images(str(source), str(destination))
+
+    names = [relative for relative, _, _ in TREE]
+    assert statuses(summary) == {name: "copied" for name in names}
+    for name in names:
+        assert image_files(destination / name) == image_files(source / name)
+        imagekit.skopeo_accepts(destination / name, tmp_path / "skopeo")
+    assert not (destination / "docs").exists()
+
+    unique_blobs = set().union(*(blob_digests(source / name) for name in names))
+    unique_bytes = sum(
+        next(
+            (source / name / digest).stat().st_size
+            for name in names
+            if (source / name / digest).exists()
+        )
+        for digest in unique_blobs
+    )
+    # base's layers sit in three images, amd64's blobs in two: read once each.
+    assert summary.bytes_from_source == unique_bytes
+    assert sum(image.blobs_shared for image in summary.images) > 0
+
+
+def test_sync_again_writes_nothing_then_only_what_changed(
+    source, image_tree, tmp_path, prefect_api
+):
+    from flows.sync import sync_images
+
+    destination = tmp_path / "mirror"
+    sync_images(str(source), str(destination))
+    before = snapshot(destination)
+
+    again = sync_images(str(source), str(destination))
+
+    assert set(statuses(again).values()) == {"skipped"}
+    assert again.bytes_from_source == 0
+    assert snapshot(destination) == before
+
+    # A new image, and app-one replaced by app-two's image.
+    shutil.copytree(source / "base", source / "new" / "copy-of-base")
+    shutil.rmtree(source / "team" / "app-one")
+    shutil.copytree(source / "team/nested/deep/app-two", source / "team" / "app-one")
+
+    third = sync_images(str(source), str(destination))
+
+    assert statuses(third) == {
+        "base": "skipped",
+        "multi/index": "skipped",
+        "new/copy-of-base": "copied",
+        "platforms/amd64": "skipped",
+        "team/app-one": "copied",
+        "team/nested/deep/app-two": "skipped",
+    }
+    after = snapshot(destination)
+    for path, identity in before.items():
+        if not path.startswith("team/app-one/"):
+            assert after[path] == identity, path
+    for name in ("team/app-one", "new/copy-of-base"):
+        assert image_files(destination / name) == image_files(source / name)
+        imagekit.skopeo_accepts(destination / name, tmp_path / "skopeo")
+    # The blobs only the old app-one had are gone.
+    assert blob_digests(destination / "team/app-one") == blob_digests(
+        source / "team/app-one"
+    )
+
+
+def test_sync_with_link_stores_shared_blobs_once(source, tmp_path, prefect_api):
+    from flows.copy import ImageCorrupt
+    from flows.sync import sync_images, verify_images
+
+    destination = tmp_path / "mirror"
+
+    summary = sync_images(str(source), str(destination), link=True)
+
+    assert set(statuses(summary).values()) == {"copied"}
+    shared = blob_digests(destination / "base") & blob_digests(
+        destination / "team/app-one"
+    )
+    shared &= blob_digests(destination / "team/nested/deep/app-two")
+    assert len(shared) >= 2  # base's two layers, at least
+    for digest in shared:
+        files = [
+            destination / name / digest
+            for name in ("base", "team/app-one", "team/nested/deep/app-two")
+        ]
+        if storage_link.same_file(str(files[0]), str(files[1])):
+            assert len({os.stat(file).st_ino for file in files}) == 1
+            assert os.stat(files[0]).st_nlink == 3
+        else:
+            pytest.skip("the filesystem made reflinks, which have their own inodes")
+    for relative, _, _ in TREE:
+        imagekit.skopeo_accepts(destination / relative, tmp_path / "skopeo")
+    assert len(verify_images(str(destination))) == len(TREE)
+
+    # Damage the shared layer through one image: every image linking it is damaged.
+    digest = sorted(shared)[0]
+    with open(destination / "base" / digest, "r+b") as blob:
+        first = blob.read(1)
+        blob.seek(0)
+        blob.write(bytes([first[0] ^ 0xFF]))
+    with pytest.raises(ImageCorrupt) as caught:
+        verify_images(str(destination))
+    damaged = {problem.split(":", 1)[0] for problem in caught.value.problems}
+    assert damaged == {"base", "team/app-one", "team/nested/deep/app-two"}
+    assert all(f"sha256:{digest}" in problem for problem in caught.value.problems)
+
+
+def test_sync_with_prune_removes_images_gone_from_the_source(
+    source, tmp_path, prefect_api
+):
+    from flows.sync import sync_images
+
+    destination = tmp_path / "mirror"
+    sync_images(str(source), str(destination))
+    shutil.rmtree(source / "team" / "app-one")
+    shutil.rmtree(source / "multi")
+    (destination / "multi" / "index" / "notes.txt").write_text("someone's notes")
+    kept = {
+        path: identity
+        for path, identity in snapshot(destination).items()
+        if not path.startswith(("team/app-one/", "multi/"))
+    }
+
+    without_prune = sync_images(str(source), str(destination))
+    assert "team/app-one" not in statuses(without_prune)
+    assert (destination / "team" / "app-one" / "manifest.json").exists()
+
+    pruned = sync_images(str(source), str(destination), prune=True)
+
+    assert statuses(pruned)["team/app-one"] == "pruned"
+    assert statuses(pruned)["multi/index"] == "pruned"
+    assert not (destination / "team" / "app-one").exists()
+    assert os.listdir(destination / "multi" / "index") == ["notes.txt"]
+    index_outcome = [i for i in pruned.images if i.image == "multi/index"][0]
+    assert index_outcome.left_files == ["notes.txt"]
+    assert snapshot(destination) == {
+        **kept,
+        "multi/index/notes.txt": snapshot(destination)["multi/index/notes.txt"],
+    }
+
+
+def test_one_corrupt_source_image_fails_and_the_others_complete(
+    source, tmp_path, prefect_api
+):
+    from flows.sync import SyncFailed, sync_images
+
+    # app-one's own layer (not shared with base) loses its last byte.
+    own = blob_digests(source / "team/app-one") - blob_digests(source / "base")
+    layers = [d for d in own if (source / "team/app-one" / d).stat().st_size > 200]
+    damaged = max(layers, key=lambda d: (source / "team/app-one" / d).stat().st_size)
+    path = source / "team" / "app-one" / damaged
+    path.write_bytes(path.read_bytes()[:-1])
+    destination = tmp_path / "mirror"
+
+    with pytest.raises(SyncFailed) as caught:
+        sync_images(str(source), str(destination), retries=0)
+
+    summary = caught.value.summary
+    outcomes = statuses(summary)
+    assert outcomes.pop("team/app-one") == "failed"
+    assert set(outcomes.values()) == {"copied"}
+    failed = summary.failed[0]
+    assert f"sha256:{damaged}" in failed.error
+    assert not (destination / "team" / "app-one" / "manifest.json").exists()
+    for name in outcomes:
+        imagekit.skopeo_accepts(destination / name, tmp_path / "skopeo")
+
+
+def test_a_shared_blob_corrupt_in_one_source_is_read_from_the_others(
+    source, tmp_path, prefect_api
+):
+    from flows.sync import SyncFailed, sync_images
+
+    # base is the first image to need the shared layer, so its copy is read
+    # first; the images deriving from base then read their own intact copies.
+    shared = blob_digests(source / "base") & blob_digests(source / "team/app-one")
+    digest = max(shared, key=lambda d: (source / "base" / d).stat().st_size)
+    (source / "base" / digest).write_bytes(b"damaged")
+    destination = tmp_path / "mirror"
+
+    with pytest.raises(SyncFailed) as caught:
+        sync_images(str(source), str(destination), retries=0, link=True)
+
+    outcomes = statuses(caught.value.summary)
+    assert outcomes.pop("base") == "failed"
+    assert set(outcomes.values()) == {"copied"}
+    for name in ("team/app-one", "team/nested/deep/app-two"):
+        imagekit.skopeo_accepts(destination / name, tmp_path / "skopeo")
+
+
+def test_sync_refuses_nested_roots(source, prefect_api):
+    from flows.sync import sync_images
+
+    with pytest.raises(ValueError, match="one inside the other"):
+        sync_images(str(source), str(source / "mirror"))
+    with pytest.raises(ValueError, match="one inside the other"):
+        sync_images(str(source / "team"), str(source))
+
+
+def run_dirimage(arguments: list[str], home: Path) -> subprocess.CompletedProcess:
+    """Run the command line as a user would, with an embedded Prefect server."""
+    environment = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+    )
+    environment.pop("PREFECT_API_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+
+
+def test_dirimage_sync_and_verify_a_root(source, tmp_path):
+    destination = tmp_path / "mirror"
+    home = tmp_path / "prefect-home"
+    victim_name = "team/nested/deep/app-two"
+    victim = source / victim_name
+    digest = sorted(blob_digests(victim) - blob_digests(source / "base"))[0]
+    (victim / digest).write_bytes(b"not the blob")
+
+    synced = run_dirimage(
+        ["sync", str(source), str(destination), "--retries", "0"], home
+    )
+
+    assert synced.returncode == 1, synced.stderr
+    assert victim_name in synced.stderr and digest in synced.stderr
+    assert "copied   base" in synced.stdout
+    assert not (destination / victim_name / "manifest.json").exists()
+
+    # Put the damaged image into the mirror by hand, then verify the root.
+    shutil.copytree(victim, destination / victim_name, dirs_exist_ok=True)
+    verified = run_dirimage(["verify", str(destination)], home)
+
+    assert verified.returncode == 1
+    damaged_lines = [line for line in verified.stderr.splitlines() if digest in line]
+    assert damaged_lines and all(victim_name in line for line in damaged_lines)
+    assert "multi/index" not in verified.stderr
