@@ -2,6 +2,7 @@
 and streaming a blob through its hash.
 """
 
+import errno
 import logging
 import os
 import stat
@@ -35,13 +36,22 @@ def open_inside(root: str, path: str, what: str) -> BinaryIO:
     real_path = os.path.realpath(path)
     if os.path.commonpath([real_root, real_path]) != real_root:
         raise UnsafePath(f"{what} {path} points outside the image, to {real_path}")
+    # Open first and check the open file: a check before the open could be
+    # outrun by a swap. O_NONBLOCK keeps a FIFO from blocking the open itself and
+    # does nothing to regular files; O_NOFOLLOW refuses a link swapped in.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        info = os.stat(real_path)
+        descriptor = os.open(real_path, flags)
     except FileNotFoundError:
         raise BlobNotFound(f"{what} is missing: {path}") from None
-    if not stat.S_ISREG(info.st_mode):
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise UnsafePath(f"{what} {path} changed into a link while opened") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
         raise UnsafePath(f"{what} {path} is not a regular file")
-    return open(real_path, "rb")
+    return open(descriptor, "rb")
 
 
 def read_capped(root: str, path: str, what: str, limit: int) -> bytes:
