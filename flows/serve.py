@@ -25,6 +25,7 @@ SERVABLE_FLOWS = {
     "copy-image": ("flows.copy", "copy_image"),
     "verify-image": ("flows.copy", "verify_image"),
     "sync-images": ("flows.sync", "sync_images"),
+    "verify-images": ("flows.sync", "verify_images"),
     "delete-image": ("flows.delete", "delete_image"),
 }
 DEFAULT_DEPLOYMENT_NAME = "serve"

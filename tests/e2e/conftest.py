@@ -7,6 +7,8 @@ and short polling intervals so runs start within a second or two.
 """
 
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -88,17 +90,13 @@ def prefect_server(tmp_path_factory):
         stop_process(process)
 
 
-@pytest.fixture
-def dirimage_serve(prefect_server, tmp_path):
-    """Start `dirimage serve --name NAME ARGS...`; returns a ServeProcess.
-
-    Waits until the copy-image deployment is registered. Every process started
-    is stopped when the test ends.
-    """
+@contextmanager
+def serve_starter(prefect_server: PrefectServer, folder: Path):
+    """Yield `start(name, *args)`; stops every process it started on exit."""
     started: list[ServeProcess] = []
 
     def start(name: str, *args: str) -> ServeProcess:
-        log_path = tmp_path / f"serve-{name}.log"
+        log_path = folder / f"serve-{name}.log"
         process = start_process(
             [executable("dirimage"), "serve", "--name", name, *args],
             log_path,
@@ -109,6 +107,30 @@ def dirimage_serve(prefect_server, tmp_path):
         prefect_server.wait_for_deployment("copy-image", name, process, log_path)
         return served
 
-    yield start
-    for served in started:
-        stop_process(served.process)
+    try:
+        yield start
+    finally:
+        for served in started:
+            stop_process(served.process)
+
+
+@pytest.fixture
+def dirimage_serve(prefect_server, tmp_path):
+    """Start `dirimage serve --name NAME ARGS...`; returns a ServeProcess.
+
+    Waits until the copy-image deployment is registered. Every process started
+    is stopped when the test ends.
+    """
+    with serve_starter(prefect_server, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def served_copy(prefect_server, tmp_path_factory):
+    """One `dirimage serve --name e2e` (no defaults, no schedule) per module.
+
+    Returns the ServeProcess and the copy-image deployment it registered.
+    """
+    with serve_starter(prefect_server, tmp_path_factory.mktemp("serve")) as start:
+        served = start("e2e")
+        yield served, prefect_server.deployment("copy-image", "e2e")

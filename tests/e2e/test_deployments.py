@@ -33,9 +33,8 @@ def assert_copied(source: Path, destination: Path, workdir: Path) -> None:
     imagekit.skopeo_accepts(destination, workdir)
 
 
-def test_parameter_schema_describes_every_parameter(prefect_server, dirimage_serve):
-    dirimage_serve("schema")
-    deployment = prefect_server.deployment("copy-image", "schema")
+def test_parameter_schema_describes_every_parameter(served_copy):
+    _, deployment = served_copy
     schema = deployment["parameter_openapi_schema"]
 
     assert deployment["enforce_parameter_schema"] is True
@@ -48,13 +47,12 @@ def test_parameter_schema_describes_every_parameter(prefect_server, dirimage_ser
 
 
 def test_run_created_through_rest_api_completes(
-    prefect_server, dirimage_serve, fresh_image, tmp_path
+    prefect_server, served_copy, fresh_image, tmp_path
 ):
     imagekit.require_tool("skopeo")
     source = fresh_image("v2s2")
     destination = tmp_path / "copied"
-    served = dirimage_serve("rest")
-    deployment = prefect_server.deployment("copy-image", "rest")
+    served, deployment = served_copy
 
     response = prefect_server.create_flow_run(
         deployment["id"], parameters=copy_parameters(source, destination)
@@ -80,14 +78,13 @@ def test_run_created_through_rest_api_completes(
     ids=["missing-source", "negative-parallel", "text-retries"],
 )
 def test_bad_parameters_are_rejected_before_a_run(
-    prefect_server, dirimage_serve, fresh_image, tmp_path, parameters, field
+    prefect_server, served_copy, fresh_image, tmp_path, parameters, field
 ):
     source = fresh_image("oci")
     destination = tmp_path / "never-written"
     values = {"SRC": str(source), "DEST": str(destination)}
     parameters = {key: values.get(value, value) for key, value in parameters.items()}
-    dirimage_serve("strict")
-    deployment = prefect_server.deployment("copy-image", "strict")
+    _, deployment = served_copy
     runs_before = len(prefect_server.flow_runs(deployment["id"]))
 
     response = prefect_server.create_flow_run(deployment["id"], parameters=parameters)

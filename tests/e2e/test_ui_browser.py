@@ -1,0 +1,112 @@
+"""The Prefect UI in a real headless Chromium starts a copy with its Run button.
+
+Debian's /usr/bin/chromium is driven through Playwright; no browser is
+downloaded. Screenshots go to the test's tmp folder; with
+DIRIMAGE_UPDATE_SCREENSHOTS=1 they also replace the ones in tests/data/screenshots
+that the README shows.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from serverkit import tail
+
+import imagekit
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1400, "height": 1000}
+UI_TIMEOUT_MS = 60_000
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "data" / "screenshots"
+# Screenshots the README shows, copied when DIRIMAGE_UPDATE_SCREENSHOTS=1.
+KEPT_SCREENSHOTS = ("run-page.png",)
+
+
+@pytest.fixture
+def browser():
+    if not os.path.exists(CHROMIUM):
+        imagekit.require_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_run_button_starts_a_copy_that_completes(
+    prefect_server, dirimage_serve, browser, fresh_image, tmp_path
+):
+    imagekit.require_tool("skopeo")
+    source = fresh_image("index")
+    destination = tmp_path / "from-the-ui"
+    served = dirimage_serve(
+        "ui", "--param", f"source={source}", "--param", f"destination={destination}"
+    )
+    deployment = prefect_server.deployment("copy-image", "ui")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    page.goto(f"{prefect_server.url}/deployments/deployment/{deployment['id']}")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("button", name="Quick run").click()
+
+    # Quick run asks to confirm the parameters, filled in with the defaults
+    # `dirimage serve --param` gave the deployment.
+    form = page.get_by_role("dialog")
+    form.get_by_text("Folder of the image to copy").wait_for()
+    assert str(source) in form.locator("textarea").first.input_value()
+    page.screenshot(path=shots / "run-form.png")
+    with page.expect_response(
+        lambda response: (
+            response.url.endswith(
+                f"/api/deployments/{deployment['id']}/create_flow_run"
+            )
+            and response.request.method == "POST"
+        )
+    ) as created:
+        form.get_by_role("button", name="Run", exact=True).click()
+    assert created.value.status == 201, created.value.text()
+    run_id = created.value.json()["id"]
+
+    run = prefect_server.wait_for_run(run_id, log_path=served.log_path)
+    assert run["state_type"] == "COMPLETED", tail(served.log_path)
+    assert imagekit.read_manifest(destination) == imagekit.read_manifest(source)
+    imagekit.skopeo_accepts(destination, tmp_path)
+
+    page.goto(f"{prefect_server.url}/runs/flow-run/{run_id}")
+    page.get_by_text("Completed", exact=True).first.wait_for()
+    page.get_by_text("copy_blob-sha256:", exact=False).first.wait_for()
+    page.get_by_text("Artifacts", exact=True).first.click()
+    summary_card = page.get_by_text(f"{source} to {destination}", exact=False).first
+    summary_card.wait_for()
+    page.screenshot(path=shots / "run-page.png")
+    summary_card.click()
+    page.get_by_text("copied", exact=True).first.wait_for()
+    page.screenshot(path=shots / "summary-artifact.png", full_page=True)
+
+    for name in ("run-form.png", "run-page.png", "summary-artifact.png"):
+        assert (shots / name).stat().st_size > 10_000, f"{name} looks empty"
+    if os.environ.get("DIRIMAGE_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for name in KEPT_SCREENSHOTS:
+            shutil.copyfile(shots / name, SCREENSHOTS / name)
