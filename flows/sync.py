@@ -208,7 +208,8 @@ def sync_images(
     with ExitStack() as locks:
         ready = _lock_destinations(changed, locks, outcomes)
         options = (parallel, retries, retry_delay, retry_jitter)
-        _place_blobs(ready, outcomes, link, options)
+        skipped = [mirror for mirror in mirrors if mirror.current]
+        _place_blobs(ready, skipped, outcomes, link, options)
         for mirror in ready:
             outcome = outcomes[mirror.relative]
             if outcome.status == FAILED:
@@ -284,34 +285,68 @@ def _lock_destinations(changed, locks: ExitStack, outcomes) -> list[MirrorPlan]:
 
 @dataclass(frozen=True)
 class _Job:
-    """Blobs to place in image `mirror`, read from folder `origin`."""
+    """Blobs to place in image `mirror`, read from folder `origin`.
+
+    `origin` is the image's own source when `from_source`; otherwise the
+    destination folder of another image holding the blobs, to link (`link`,
+    hashing the donor's files first with `verify_donor`) or to copy locally.
+    """
 
     mirror: MirrorPlan
     origin: str
     blobs: tuple[BlobRef, ...]
     from_source: bool
     link: bool = False
+    verify_donor: bool = False
 
 
-def _place_blobs(ready, outcomes, link: bool, options) -> None:
+def _link_units(blobs: list[BlobRef]) -> list[list[BlobRef]]:
+    return [
+        blobs[start : start + MAX_BATCH_BLOBS]
+        for start in range(0, len(blobs), MAX_BATCH_BLOBS)
+    ]
+
+
+def _place_blobs(ready, skipped, outcomes, link: bool, options) -> None:
     """Put every blob of the `ready` images in place, each read from the source once.
 
-    First the blobs each image is the first to need, from the source; then, for
-    the blobs an earlier image already holds, a link to that image's file or a
-    local copy of it. When the first image could not get a blob, the others
-    fall back to reading it from their own source.
+    First the blobs each image is the first to need: from its source, or with
+    `link` from an unchanged image of the destination that holds them (hashed
+    before it is linked to). Then the blobs an earlier image already holds: a
+    link to that image's file, or a local copy of it. Whenever the image to take
+    a blob from lacks it, the blob is read from the image's own source instead.
     """
     parallel = options[0]
+    donors = {}
+    if link:
+        for mirror in skipped:
+            for blob in mirror.plan.blobs:
+                donors.setdefault(blob.digest, mirror.destination)
+
     first_holder: dict[str, MirrorPlan] = {}
-    from_source: dict[str, list[BlobRef]] = defaultdict(list)
+    first_jobs: list[_Job] = []
     from_holder: dict[str, list[BlobRef]] = defaultdict(list)
     for mirror in ready:
+        from_source: list[BlobRef] = []
+        from_donor: dict[str, list[BlobRef]] = defaultdict(list)
         for blob in mirror.plan.blobs:
             if blob.digest in first_holder:
                 from_holder[mirror.relative].append(blob)
+                continue
+            first_holder[blob.digest] = mirror
+            if blob.digest in donors:
+                from_donor[donors[blob.digest]].append(blob)
             else:
-                first_holder[blob.digest] = mirror
-                from_source[mirror.relative].append(blob)
+                from_source.append(blob)
+        first_jobs += [
+            _Job(mirror, mirror.source, tuple(unit), from_source=True)
+            for unit in batch_blobs(from_source, parallel)
+        ]
+        first_jobs += [
+            _Job(mirror, donor, tuple(unit), False, link=True, verify_donor=True)
+            for donor, blobs in from_donor.items()
+            for unit in _link_units(blobs)
+        ]
 
     total = sum(mirror.plan.total_bytes for mirror in ready)
     count = sum(len(mirror.plan.blobs) for mirror in ready)
@@ -319,35 +354,29 @@ def _place_blobs(ready, outcomes, link: bool, options) -> None:
         total, count, f"Syncing {count} blobs of {len(ready)} images"
     )
     placed: set[tuple[str, str]] = set()
-
-    first_jobs = [
-        _Job(mirror, mirror.source, tuple(unit), from_source=True)
-        for mirror in ready
-        for unit in batch_blobs(from_source[mirror.relative], parallel)
-    ]
     _run_jobs(first_jobs, outcomes, tracker, placed, options)
 
     second_jobs = []
     for mirror in ready:
-        by_origin: dict[tuple[str, bool], list[BlobRef]] = defaultdict(list)
+        by_origin: dict[str, list[BlobRef]] = defaultdict(list)
         for blob in from_holder[mirror.relative]:
             holder = first_holder[blob.digest]
             if (holder.relative, blob.digest) in placed:
-                by_origin[(holder.destination, False)].append(blob)
+                by_origin[holder.destination].append(blob)
             else:
-                by_origin[(mirror.source, True)].append(blob)
-        for (origin, own_source), blobs in by_origin.items():
+                by_origin[mirror.source].append(blob)
+        for origin, blobs in by_origin.items():
+            own_source = origin == mirror.source
             if link and not own_source:
-                units = [
-                    blobs[start : start + MAX_BATCH_BLOBS]
-                    for start in range(0, len(blobs), MAX_BATCH_BLOBS)
+                second_jobs += [
+                    _Job(mirror, origin, tuple(unit), False, link=True)
+                    for unit in _link_units(blobs)
                 ]
             else:
-                units = batch_blobs(blobs, parallel)
-            second_jobs += [
-                _Job(mirror, origin, tuple(unit), own_source, link and not own_source)
-                for unit in units
-            ]
+                second_jobs += [
+                    _Job(mirror, origin, tuple(unit), own_source)
+                    for unit in batch_blobs(blobs, parallel)
+                ]
     _run_jobs(second_jobs, outcomes, tracker, placed, options)
     tracker.finish()
 
@@ -361,7 +390,11 @@ def _run_jobs(jobs, outcomes, tracker, placed, options) -> None:
         destination = job.mirror.destination
         if job.link:
             return tree_tasks.link_blobs.submit(
-                job.origin, destination, list(job.blobs)
+                job.origin,
+                destination,
+                list(job.blobs),
+                job.verify_donor,
+                job.mirror.source,
             )
         if len(job.blobs) == 1:
             blob = job.blobs[0]
@@ -374,7 +407,8 @@ def _run_jobs(jobs, outcomes, tracker, placed, options) -> None:
         done = [result] if isinstance(result, BlobTransfer) else list(result)
         outcome = outcomes[job.mirror.relative]
         for transfer in done:
-            outcome.add(transfer, job.from_source)
+            # A link task that found its donor lacking copied from the source.
+            outcome.add(transfer, job.from_source or job.link)
             placed.add((job.mirror.relative, transfer.digest))
         tracker.advance(len(done), sum(transfer.size for transfer in done))
 

@@ -7,6 +7,7 @@ changes the other. A hard link is the same inode under two names: a change
 through one name shows under every name, which is why verify hashes every image.
 """
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -27,6 +28,7 @@ FICLONE = 0x40049409
 REFLINK = "reflink"
 HARDLINK = "hardlink"
 LINKED = "linked"
+COPIED_LOCALLY = "copied-locally"
 
 # Errors that mean "this filesystem, or this pair of folders, cannot share".
 _CANNOT_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL}
@@ -91,26 +93,39 @@ def link_blob(
     digest: str,
     size: int | None = None,
     optional: bool = False,
+    verify_donor: bool = False,
+    fallback_source: str | None = None,
 ) -> BlobTransfer:
     """Make blob `digest` of image folder `destination` share the donor's file.
 
-    `donor` is another image folder holding the blob, checked already (a copy
-    verified in this run). A destination blob that is already the donor's
-    inode is `reused`; otherwise it is linked over whatever is there. When the
-    two folders cannot share storage (another filesystem, link limit reached)
-    the blob is copied instead, verified. An optional blob the donor lacks is
-    `absent`.
+    `donor` is another image folder holding the blob. With `verify_donor` its
+    file is hashed first; leave it off for a copy verified moments ago. A
+    destination blob that is already the donor's inode is `reused`; otherwise it
+    is `linked` over whatever is there. When the two folders cannot share storage
+    (another filesystem, link limit reached) the blob is copied from the donor,
+    verified, as `copied-locally`. When the donor lacks the blob or holds wrong
+    bytes, it is copied from image folder `fallback_source` (`copied`), or the
+    error is raised when there is none.
     """
     parsed = parse_digest(digest)
     started, clock = time.time(), time.perf_counter()
     target = DirImageDestination(destination)
-    donor_path = DirImageDestination(donor).blob_path(parsed)
+    donor_image = DirImageDestination(donor)
+    donor_path = donor_image.blob_path(parsed)
     target_path = target.blob_path(parsed)
 
-    if not os.path.lexists(donor_path):
+    usable = os.path.lexists(donor_path)
+    if usable and verify_donor:
+        usable = donor_image.has_blob(parsed, size)
+    if not usable:
+        if fallback_source is not None:
+            return transfer_blob(
+                fallback_source, destination, str(parsed), size, optional
+            )
         if optional:
             return BlobTransfer(str(parsed), 0, "absent", started, 0.0, _worker_name())
-        raise BlobNotFound(f"blob {parsed} is missing: {donor_path}")
+        raise BlobNotFound(f"blob {parsed} is missing or damaged in {donor}")
+
     if same_file(donor_path, target_path):
         action = "reused"
     else:
@@ -120,7 +135,8 @@ def link_blob(
             if error.errno not in _CANNOT_LINK:
                 raise
             log.debug("cannot link %s (%s); copying it", target_path, error)
-            return transfer_blob(donor, destination, str(parsed), size, optional)
+            copied = transfer_blob(donor, destination, str(parsed), size, optional)
+            return dataclasses.replace(copied, action=COPIED_LOCALLY)
         log.debug("%s %s to %s", method, donor_path, target_path)
         action = LINKED
 

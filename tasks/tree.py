@@ -51,24 +51,44 @@ def plan_mirror(source: str, destination: str, relative: str) -> MirrorPlan:
 
 @task(name="link_blobs", task_run_name="link_blobs-{blobs[0].digest:.19}+", **_SETTINGS)
 def link_blobs(
-    donor: str, destination: str, blobs: list[BlobRef]
+    donor: str,
+    destination: str,
+    blobs: list[BlobRef],
+    verify_donor: bool = False,
+    fallback_source: str | None = None,
 ) -> list[BlobTransfer]:
     """Make blobs of `destination` share the files of image folder `donor`.
 
     A reflink where the filesystem offers one, else a hard link; a copy when the
     two folders cannot share. Linking is cheap, so one task links many blobs.
 
+    Args:
+        donor: Image folder holding the blobs.
+        destination: Image folder to place them in.
+        blobs: The blobs to place.
+        verify_donor: Hash each donor blob before linking to it.
+        fallback_source: Image folder to copy a blob from when the donor lacks
+            it or holds wrong bytes.
+
     Returns:
         One transfer per blob: linked, reused (already shared) or copied.
 
     Raises:
-        storage.BlobNotFound: The donor lacks a blob that is not optional.
+        storage.BlobNotFound: The donor lacks a blob and there is no fallback.
     """
     get_run_logger().info(
         "Linking %d blobs from %s into %s", len(blobs), donor, destination
     )
     return [
-        storage_link_blob(donor, destination, b.digest, b.size, b.optional)
+        storage_link_blob(
+            donor,
+            destination,
+            b.digest,
+            b.size,
+            b.optional,
+            verify_donor,
+            fallback_source,
+        )
         for b in blobs
     ]
 

@@ -217,6 +217,19 @@ def test_sync_with_link_stores_shared_blobs_once(source, tmp_path, prefect_api):
         imagekit.skopeo_accepts(destination / relative, tmp_path / "skopeo")
     assert len(verify_images(str(destination))) == len(TREE)
 
+    # Next night a new image arrives: it links to the unchanged images' files.
+    shutil.copytree(source / "team/app-one", source / "team/app-one-copy")
+    nightly = sync_images(str(source), str(destination), link=True)
+    new = {image.image: image for image in nightly.images}["team/app-one-copy"]
+    assert new.status == "copied" and new.bytes_from_source == 0
+    for digest in blob_digests(destination / "team/app-one-copy"):
+        assert storage_link.same_file(
+            str(destination / "team/app-one" / digest),
+            str(destination / "team/app-one-copy" / digest),
+        )
+    linked_images = {"base", "team/app-one", "team/app-one-copy"}
+    linked_images.add("team/nested/deep/app-two")
+
     # Damage the shared layer through one image: every image linking it is damaged.
     digest = sorted(shared)[0]
     with open(destination / "base" / digest, "r+b") as blob:
@@ -226,8 +239,19 @@ def test_sync_with_link_stores_shared_blobs_once(source, tmp_path, prefect_api):
     with pytest.raises(ImageCorrupt) as caught:
         verify_images(str(destination))
     damaged = {problem.split(":", 1)[0] for problem in caught.value.problems}
-    assert damaged == {"base", "team/app-one", "team/nested/deep/app-two"}
+    assert damaged == linked_images
     assert all(f"sha256:{digest}" in problem for problem in caught.value.problems)
+
+    # The damaged file keeps its size, so base counts as unchanged; but a new
+    # image needing that layer is not linked to it: it reads the source.
+    shutil.copytree(source / "base", source / "base-copy")
+    later = sync_images(str(source), str(destination), link=True)
+    copy = {image.image: image for image in later.images}["base-copy"]
+    assert copy.bytes_from_source == (source / "base" / digest).stat().st_size
+    assert not storage_link.same_file(
+        str(destination / "base" / digest), str(destination / "base-copy" / digest)
+    )
+    imagekit.skopeo_accepts(destination / "base-copy", tmp_path / "skopeo")
 
 
 def test_sync_with_prune_removes_images_gone_from_the_source(
