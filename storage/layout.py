@@ -118,6 +118,10 @@ def layout_kind(name: str) -> str | None:
     return None
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
 def read_layout_version(root: str) -> str:
     """The layout version of the image in `root`.
 
@@ -126,7 +130,8 @@ def read_layout_version(root: str) -> str:
     version file this package does not understand.
     """
     try:
-        with open(version_path(root), "rb") as file:
+        # Non-blocking, so a FIFO planted as `version` reads as empty, not forever.
+        with open(version_path(root), "rb", opener=_open_nonblocking) as file:
             content = file.read(256)
     except FileNotFoundError:
         if os.path.isfile(manifest_path(root)):

@@ -1,10 +1,12 @@
 """An exclusive lock on an image folder, so two writers never mix their images."""
 
+import errno
 import fcntl
 import os
+import stat
 import time
 
-from storage.errors import ImageBusy
+from storage.errors import ImageBusy, UnsafePath
 from storage.layout import lock_path
 
 
@@ -25,7 +27,17 @@ class ImageLock:
 
     def acquire(self) -> "ImageLock":
         path = lock_path(self.folder)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never follow a link: the holder's PID is written into the file, and a
+        # planted link would have it overwrite a file outside the image.
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise UnsafePath(f"lock file {path} is a symbolic link") from None
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise UnsafePath(f"lock file {path} is not a regular file")
         deadline = time.monotonic() + self.wait
         while True:
             try:
