@@ -13,6 +13,7 @@ from storage.digest import Digest
 from storage.errors import (
     BlobNotFound,
     DigestMismatch,
+    ImageError,
     SizeMismatch,
     TooLarge,
     UnsafePath,
@@ -78,9 +79,17 @@ def write_atomically(path: str, data: bytes) -> None:
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         _remove_quietly(temporary)
+        if isinstance(error, OSError):
+            raise _with_context(error, f"writing {path}") from error
         raise
+
+
+def _with_context(error: OSError, doing: str) -> OSError:
+    """The same kind of OSError, with the same errno, saying what was being done."""
+    reason = error.strerror or str(error)
+    return type(error)(error.errno, f"{doing}: {reason}")
 
 
 def fsync_folder(folder: str) -> None:
@@ -167,8 +176,12 @@ def write_blob_atomically(
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         _remove_quietly(temporary)
+        if isinstance(error, OSError) and not isinstance(error, ImageError):
+            # A full disk or a size limit says only "No space left on device";
+            # name the blob and the place, keeping the errno for retry decisions.
+            raise _with_context(error, f"copying blob {digest} to {folder}") from error
         raise
     log.debug("wrote blob %s (%d bytes) to %s", digest, written, path)
     return written
