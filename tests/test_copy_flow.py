@@ -146,9 +146,7 @@ def test_absent_platform_fails_listing_the_offered_ones(
     assert not destination.exists()
 
 
-def test_remove_signatures_leaves_no_signature_files(
-    dir_images, tmp_path, prefect_api
-):
+def test_remove_signatures_leaves_no_signature_files(dir_images, tmp_path, prefect_api):
     source = dir_images["signed"]
     destination = tmp_path / "copy"
     copy_image(str(source), str(destination))
@@ -177,18 +175,14 @@ def test_blob_copies_overlap_in_time(layered_image, tmp_path, prefect_api):
     assert overlapping_pairs(large) >= 1
 
 
-def test_blob_copies_do_not_overlap_one_at_a_time(
-    layered_image, tmp_path, prefect_api
-):
+def test_blob_copies_do_not_overlap_one_at_a_time(layered_image, tmp_path, prefect_api):
     summary = copy_image(str(layered_image), str(tmp_path / "copy"), parallel=1)
 
     assert len(summary.transfers) == 5
     assert overlapping_pairs(summary.transfers) == 0
 
 
-def test_rerun_copies_only_missing_and_damaged_blobs(
-    dir_images, tmp_path, prefect_api
-):
+def test_rerun_copies_only_missing_and_damaged_blobs(dir_images, tmp_path, prefect_api):
     source = dir_images["index"]
     digests = sorted(blob.digest for blob in storage.plan_image(str(source)).blobs)
     assert len(digests) >= 4
@@ -213,9 +207,7 @@ def test_rerun_copies_only_missing_and_damaged_blobs(
     actions = {transfer.digest: transfer.action for transfer in summary.transfers}
     assert sorted(actions) == digests
     assert {d for d, action in actions.items() if action == REUSED} == set(kept)
-    assert {d for d, action in actions.items() if action == COPIED} == set(
-        digests[2:]
-    )
+    assert {d for d, action in actions.items() if action == COPIED} == set(digests[2:])
     assert (summary.blobs_reused, summary.blobs_copied) == (2, len(digests) - 2)
     assert leftover.name in summary.removed_files
     assert list(destination.glob(f"{layout.TEMP_PREFIX}*")) == []

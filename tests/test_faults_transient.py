@@ -76,9 +76,7 @@ def test_transient_fault_is_retried(source_image, monkeypatch, tmp_path, prefect
     opened = count_opens(monkeypatch, source_image, digest, failures=2)
     destination = tmp_path / "copy"
 
-    summary = copy_image(
-        str(source_image), str(destination), retries=3, retry_delay=0
-    )
+    summary = copy_image(str(source_image), str(destination), retries=3, retry_delay=0)
 
     assert len(opened) == 3
     assert summary.blobs_copied == len(imagekit.blob_files(source_image))

@@ -1,0 +1,209 @@
+"""`dirimage copy` and `dirimage verify` as a user runs them.
+
+Each run is a real process on Prefect's embedded default: no PREFECT_API_URL, so
+Prefect starts its own temporary server, which costs 10 to 20 s a run. The runs
+are therefore few, and each checks as much as it can.
+"""
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import imagekit
+import storage
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+DIRIMAGE = REPOSITORY / ".venv" / "bin" / "dirimage"
+TIMEOUT_SECONDS = 300
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def embedded_env(tmp_path) -> dict[str, str]:
+    """An environment with no Prefect API configured and a fresh Prefect home."""
+    env = {name: value for name, value in os.environ.items() if "PREFECT" not in name}
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env["PREFECT_HOME"] = str(home)
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop what is left of the process and of the temporary server it started."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if process.poll() is None:
+        process.wait(timeout=30)
+
+
+def run_dirimage(*arguments, env, cwd=None) -> subprocess.CompletedProcess:
+    process = subprocess.Popen(
+        [str(DIRIMAGE), *map(str, arguments)],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_SECONDS)
+    finally:
+        stop_group(process)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def corrupt_first_layer(image: Path) -> str:
+    digest = imagekit.read_manifest(image)["layers"][0]["digest"]
+    blob = image / digest.split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    return digest
+
+
+def test_readme_command_copies_the_hello_image(embedded_env, tmp_path):
+    destination = tmp_path / "hello-copy"
+
+    completed = run_dirimage(
+        "copy", "tests/data/hello", destination, env=embedded_env, cwd=REPOSITORY
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    summary_line = r"copied 3 blobs .* now holds sha256:[0-9a-f]{64}\n"
+    assert re.fullmatch(summary_line, completed.stdout)
+    assert storage.check_image(str(destination)) == []
+    imagekit.skopeo_accepts(destination, tmp_path / "skopeo")
+
+
+def test_copy_prints_a_json_summary(dir_images, embedded_env, tmp_path):
+    source = dir_images["signed"]
+    destination = tmp_path / "copy"
+
+    completed = run_dirimage(
+        "copy", f"dir:{source}", f"dir:{destination}", "--json", env=embedded_env
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    summary = json.loads(completed.stdout)
+    assert summary["source"] == str(source)
+    assert summary["destination"] == str(destination)
+    assert summary["blobs_copied"] == len(imagekit.blob_files(source))
+    assert summary["blobs_reused"] == 0
+    assert summary["signatures"] == 2
+    manifest = (destination / "manifest.json").read_bytes()
+    assert summary["manifest_digest"] == str(storage.manifest_digest(manifest))
+
+
+def test_failed_copy_prints_one_line(fresh_image, embedded_env, tmp_path):
+    source = fresh_image("oci")
+    digest = corrupt_first_layer(source)
+
+    completed = run_dirimage("copy", source, tmp_path / "copy", env=embedded_env)
+
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("dirimage: ") and digest in lines[0]
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["copy", "a", "b", "--parallel", "0"],
+        ["copy", "a"],
+        ["copy", "a", "b", "--platform", "linux"],
+        ["copy", "a", "b", "--retries", "-1"],
+        ["verify"],
+    ],
+    ids=["parallel-0", "no-destination", "platform-no-arch", "retries", "verify"],
+)
+def test_usage_errors_exit_2(arguments, embedded_env, tmp_path):
+    completed = run_dirimage(*arguments, env=embedded_env, cwd=tmp_path)
+
+    assert completed.returncode == 2
+    assert "usage: dirimage" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert os.listdir(tmp_path) == ["prefect-home"]
+
+
+def test_verify_of_an_intact_image_exits_0(dir_images, embedded_env):
+    completed = run_dirimage("verify", dir_images["index"], env=embedded_env)
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    assert completed.stdout.startswith(f"{dir_images['index']}: ")
+    assert "intact" in completed.stdout
+
+
+def test_verify_of_a_corrupt_image_exits_1(fresh_image, embedded_env):
+    image = fresh_image("v2s2")
+    digest = corrupt_first_layer(image)
+
+    completed = run_dirimage("verify", f"dir:{image}", env=embedded_env)
+
+    assert completed.returncode == 1
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("dirimage: ") and digest in lines[0]
+
+
+def read_terminal(master: int, process: subprocess.Popen) -> bytes:
+    """Everything the process writes to its terminal, until it exits."""
+    output = bytearray()
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal has gone
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif process.poll() is not None:
+            break
+    return bytes(output)
+
+
+def test_progress_bar_on_a_terminal(embedded_env, tmp_path):
+    source = imagekit.write_layered_image(tmp_path / "layered", [8 * MIB] * 4)
+    destination = tmp_path / "copy"
+    master, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [str(DIRIMAGE), "copy", str(source), str(destination)],
+        env=embedded_env,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    try:
+        output = read_terminal(master, process).decode(errors="replace")
+        process.wait(timeout=TIMEOUT_SECONDS)
+    finally:
+        stop_group(process)
+        os.close(master)
+
+    assert process.returncode == 0, output
+    assert re.search(r"copy \[#+\] 100\.0% +32\.\d/32\.\d MiB +\d+\.\d MiB/s", output)
+    assert "5/5 blobs" in output
+    assert "Traceback" not in output
