@@ -29,31 +29,6 @@ def _prepare_prefect(verbose: bool) -> None:
     # With no PREFECT_API_URL, Prefect starts a temporary server and gives up
     # after 20 s; on a busy two-core machine its start alone took longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    _default_temporary_server_settings()
-
-
-# That temporary server lives only as long as this command: nobody opens its
-# dashboard, and its telemetry only adds work at start (and an error line when
-# there is no network).
-_TEMPORARY_SERVER_DEFAULTS = (
-    ("PREFECT_UI_ENABLED", "ui", "enabled", "false"),
-    ("PREFECT_SERVER_ANALYTICS_ENABLED", None, "analytics_enabled", "false"),
-)
-
-
-def _default_temporary_server_settings() -> None:
-    """Turn off what the temporary server does not need, unless the user set it.
-
-    Reads the settings from every source Prefect knows (environment, profile,
-    prefect.toml), so a value the user chose anywhere is kept.
-    """
-    from prefect.settings import get_current_settings
-
-    server = get_current_settings().server
-    for variable, group, name, value in _TEMPORARY_SERVER_DEFAULTS:
-        model = getattr(server, group) if group else server
-        if name not in model.model_fields_set:
-            os.environ[variable] = value
 
 
 class ProgressBar:
