@@ -260,32 +260,39 @@ def copy_image(
 def commit_image(
     source: str, destination: str, plan, remove_signatures: bool = False
 ) -> tuple[int, list[str]]:
-    """Write what follows the blobs of a copy, the top-level manifest last.
+    """Write what follows the blobs of a copy, the top-level manifest as commit.
 
-    Signatures first, then instance manifests, then the top-level manifest with
-    the layout version (the commit point), then removal of the previous image's
-    unused files. Every blob must be in place; the caller holds the lock.
-    Returns the number of top-level signatures and the names of removed files.
+    Every signature is read first, so an unreadable one fails the copy before
+    anything is written. Then the instance manifests, the top-level manifest with
+    the layout version (the commit point), the signatures, and removal of the
+    previous image's unused files. Signatures follow the commit because they sign
+    a manifest: written earlier, they would replace the previous image's own
+    while its manifest is still in place, and a killed copy would lose them.
+    Every blob must be in place; the caller holds the lock. Returns the number of
+    top-level signatures and the names of removed files.
     """
-    signatures = _copy_signatures(source, destination, plan, remove_signatures)
+    signatures = _read_signatures(source, plan, remove_signatures)
     for instance in plan.instances:
         tasks.put_manifest(destination, instance.data, instance.digest)
     tasks.put_manifest(destination, plan.manifest, None, plan.layout_version)
+    for instance, instance_signatures in signatures.items():
+        tasks.put_signatures(destination, instance_signatures, instance)
     removed = tasks.remove_unused(destination, sorted(plan.digests))
-    return signatures, removed
+    return len(signatures[None]), removed
 
 
-def _copy_signatures(source, destination, plan, remove_signatures: bool) -> int:
-    """Copy top-level and per-instance signatures; returns the top-level count."""
+def _read_signatures(
+    source, plan, remove_signatures: bool
+) -> dict[str | None, list[bytes]]:
+    """Top-level (key None) and per-instance signatures to write, by instance."""
 
     def read(instance: str | None) -> list[bytes]:
         return [] if remove_signatures else tasks.get_signatures(source, instance)
 
-    top = read(plan.signature_instance)
-    tasks.put_signatures(destination, top)
+    signatures = {None: read(plan.signature_instance)}
     for instance in plan.instances:
-        tasks.put_signatures(destination, read(instance.digest), instance.digest)
-    return len(top)
+        signatures[instance.digest] = read(instance.digest)
+    return signatures
 
 
 def _report_copy(logger, summary: CopySummary) -> None:
