@@ -101,7 +101,8 @@ def first_layer(image: Path) -> tuple[str, Path]:
 
 def storage_copy(source: str, destination: str) -> None:
     """The copy as the storage package does it, without Prefect, for the storage
-    half of each case: plan, blobs, signatures, manifests, then clean up."""
+    half of each case: plan, blobs, read signatures, manifests, signatures, then
+    clean up, in the order the copy flow commits."""
     plan = storage.plan_image(source)
     target = storage.DirImageDestination(destination)
     with storage.ImageLock(destination):
@@ -110,12 +111,14 @@ def storage_copy(source: str, destination: str) -> None:
                 source, destination, blob.digest, blob.size, blob.optional
             )
         reader = storage.DirImageSource(source)
-        target.put_signatures(reader.get_signatures(plan.signature_instance))
+        signatures = {None: reader.get_signatures(plan.signature_instance)}
         for instance in plan.instances:
-            instance_signatures = reader.get_signatures(instance.digest)
-            target.put_signatures(instance_signatures, instance.digest)
+            signatures[instance.digest] = reader.get_signatures(instance.digest)
+        for instance in plan.instances:
             target.put_manifest(instance.data, instance.digest)
         target.put_manifest(plan.manifest, None, plan.layout_version)
+        for instance, instance_signatures in signatures.items():
+            target.put_signatures(instance_signatures, instance)
         target.remove_unused(plan.digests)
 
 
