@@ -11,6 +11,7 @@ import os
 import sys
 
 import storage
+from flows import runners
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MIB = 1024 * 1024
@@ -106,6 +107,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _runner(text: str) -> str:
+    try:
+        return runners.check_runner(text)
+    except (ValueError, ImportError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+RUNNER_HELP = (
+    "where the blob tasks run: thread (default), dask (a temporary local cluster) "
+    "or dask://HOST:PORT (a running Dask scheduler)"
+)
+
+
 def _platform(text: str) -> str:
     try:
         storage.Platform.parse(text)
@@ -141,6 +155,7 @@ def run_copy(args) -> int:
             retry_delay=args.retry_delay,
             remove_signatures=args.remove_signatures,
             platform=args.platform,
+            runner=args.runner,
         )
 
     summary = _with_progress_bar("copy", run)
@@ -163,7 +178,7 @@ def run_verify(args) -> int:
     from flows.copy import ImageCorrupt, verify_image
 
     try:
-        report = verify_image(args.image, parallel=args.parallel)
+        report = verify_image(args.image, parallel=args.parallel, runner=args.runner)
     except ImageCorrupt as error:
         for problem in error.problems:
             print(f"dirimage: {problem}", file=sys.stderr)
@@ -321,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy.add_argument("--remove-signatures", action="store_true")
     copy.add_argument("--platform", type=_platform, metavar="OS/ARCH[/VARIANT]")
+    copy.add_argument(
+        "--runner",
+        type=_runner,
+        default=runners.THREAD,
+        metavar="RUNNER",
+        help=RUNNER_HELP,
+    )
     copy.add_argument("--json", action="store_true", help="print the summary as JSON")
     copy.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")
     copy.set_defaults(run=run_copy)
@@ -328,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check every blob of an image")
     verify.add_argument("image", metavar="DIR")
     verify.add_argument("--parallel", type=_positive, default=8, metavar="N")
+    verify.add_argument(
+        "--runner",
+        type=_runner,
+        default=runners.THREAD,
+        metavar="RUNNER",
+        help=RUNNER_HELP,
+    )
     verify.add_argument("--json", action="store_true")
     verify.add_argument("-v", "--verbose", action="store_true")
     verify.set_defaults(run=run_verify)

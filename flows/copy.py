@@ -13,6 +13,7 @@ from pydantic import Field
 
 import storage
 import tasks
+from flows import runners
 from flows.bounded import run_bounded
 from flows.progress import ProgressTracker
 from storage.manifest import BlobRef
@@ -34,6 +35,10 @@ class ImageCorrupt(storage.ImageError, ValueError):
         first = problems[0] if problems else "no details"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         super().__init__(f"{path} is damaged: {first}{more}")
+
+    def __reduce__(self):
+        # Pickling keeps only the message by default, and __init__ needs the parts.
+        return (type(self), (self.path, self.problems))
 
 
 @dataclass
@@ -149,10 +154,13 @@ def copy_blobs_bounded(
     retry_delay: float,
     retry_jitter: float,
     description: str,
+    task_runner=None,
 ) -> list[BlobTransfer]:
     """Copy `blobs` with at most `parallel` tasks in flight; returns every transfer.
 
     Shared by the flows that copy blobs: they differ in what they plan, not here.
+    The tasks go to `task_runner` (from `runners.opened_runner`), or to the flow's
+    own task runner when it is None.
     """
     single_task = _copy_task(retries, retry_delay, retry_jitter, single=True)
     batch_task = _copy_task(retries, retry_delay, retry_jitter, single=False)
@@ -163,10 +171,18 @@ def copy_blobs_bounded(
     def submit(unit: list[BlobRef]):
         if len(unit) == 1:
             blob = unit[0]
-            return single_task.submit(
-                source, destination, blob.digest, blob.size, blob.optional
+            return runners.submit(
+                task_runner,
+                single_task,
+                source=source,
+                destination=destination,
+                digest=blob.digest,
+                size=blob.size,
+                optional=blob.optional,
             )
-        return batch_task.submit(source, destination, unit)
+        return runners.submit(
+            task_runner, batch_task, source=source, destination=destination, blobs=unit
+        )
 
     def record(unit: list[BlobRef], result) -> None:
         done = [result] if isinstance(result, BlobTransfer) else list(result)
@@ -181,6 +197,7 @@ def copy_blobs_bounded(
 Parallel = Annotated[int, Field(ge=1, le=256)]
 Retries = Annotated[int, Field(ge=0, le=50)]
 Seconds = Annotated[float, Field(ge=0, le=3600)]
+Runner = Annotated[str, Field(pattern=runners.RUNNER_PATTERN)]
 
 
 @flow(name="copy-image", persist_result=False)
@@ -193,6 +210,7 @@ def copy_image(
     retry_jitter: Annotated[float, Field(ge=0, le=1)] = 0.5,
     remove_signatures: bool = False,
     platform: Annotated[str | None, Field(pattern=r"^[^/]+/[^/]+(/[^/]+)?$")] = None,
+    runner: Runner = runners.THREAD,
 ) -> CopySummary:
     """Copy a container image between two dir: folders, verified and resumable.
 
@@ -211,27 +229,34 @@ def copy_image(
         remove_signatures: Leave signatures out of the copy.
         platform: `os/arch[/variant]` to copy one instance of a multi-platform
             image as a single image; by default every instance is copied.
+        runner: Where the blob copies run: `thread` (this process), `dask` (a
+            temporary local Dask cluster) or `dask://HOST:PORT` (a running one,
+            whose workers see `source` and `destination` at the same paths).
     """
     logger = get_run_logger()
     started = time.perf_counter()
     source, destination = image_path(source), image_path(destination)
     check_distinct(source, destination)
+    runners.check_runner(runner)
     storage.DirImageSource(source)
 
     plan = tasks.plan_image(source, platform)
     storage.DirImageDestination(destination)
+    # The lock stays in this process; tasks elsewhere only write verified blobs.
     with storage.ImageLock(destination):
         transfer_started = time.perf_counter()
-        transfers = copy_blobs_bounded(
-            source,
-            destination,
-            list(plan.blobs),
-            parallel,
-            retries,
-            retry_delay,
-            retry_jitter,
-            f"Copying {len(plan.blobs)} blobs into {destination}",
-        )
+        with runners.opened_runner(runner) as task_runner:
+            transfers = copy_blobs_bounded(
+                source,
+                destination,
+                list(plan.blobs),
+                parallel,
+                retries,
+                retry_delay,
+                retry_jitter,
+                f"Copying {len(plan.blobs)} blobs into {destination}",
+                task_runner,
+            )
         transfer_seconds = time.perf_counter() - transfer_started
 
         signatures, removed = commit_image(source, destination, plan, remove_signatures)
@@ -336,12 +361,15 @@ def _blob_bytes(path: str, blobs: tuple[BlobRef, ...]) -> int:
 
 
 @flow(name="verify-image", persist_result=False)
-def verify_image(path: str, parallel: Parallel = 8) -> VerifyReport:
+def verify_image(
+    path: str, parallel: Parallel = 8, runner: Runner = runners.THREAD
+) -> VerifyReport:
     """Hash every blob of an image in parallel and report what is missing or corrupt.
 
     Args:
         path: Folder of the image to check (a `dir:` prefix is accepted).
         parallel: How many blobs may be hashed at once.
+        runner: Where the hashing runs, as for `copy_image`.
 
     Raises:
         ImageCorrupt: Something is missing or corrupt; `problems` lists it all.
@@ -349,16 +377,22 @@ def verify_image(path: str, parallel: Parallel = 8) -> VerifyReport:
     logger = get_run_logger()
     started = time.perf_counter()
     path = image_path(path)
+    runners.check_runner(runner)
     plan = tasks.plan_image(path, None, strict=False)
     problems = list(plan.problems)
-
-    def submit(unit: list[BlobRef]):
-        return tasks.verify_blobs.submit(path, unit)
 
     def record(unit: list[BlobRef], result: list[str | None]) -> None:
         problems.extend(problem for problem in result if problem)
 
-    run_bounded(batch_blobs(list(plan.blobs), parallel), submit, parallel, record)
+    with runners.opened_runner(runner) as task_runner:
+
+        def submit(unit: list[BlobRef]):
+            return runners.submit(
+                task_runner, tasks.verify_blobs, path=path, blobs=unit
+            )
+
+        units = batch_blobs(list(plan.blobs), parallel)
+        run_bounded(units, submit, parallel, record)
     report = VerifyReport(
         path=path,
         manifest_digest=plan.manifest_digest,
