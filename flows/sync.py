@@ -184,10 +184,8 @@ def sync_images(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    source_root, destination_root = (
-        image_path(source_root),
-        image_path(destination_root),
-    )
+    source_root = image_path(source_root)
+    destination_root = image_path(destination_root)
     check_roots(source_root, destination_root)
     if not os.path.isdir(source_root):
         raise storage.NotAnImage(f"source root {source_root} is not a folder")
@@ -204,11 +202,11 @@ def sync_images(
         if mirror.current:
             outcomes[mirror.relative].status = SKIPPED
     changed = [mirror for mirror in mirrors if not mirror.current]
+    skipped = [mirror for mirror in mirrors if mirror.current]
+    options = (parallel, retries, retry_delay, retry_jitter)
 
     with ExitStack() as locks:
         ready = _lock_destinations(changed, locks, outcomes)
-        options = (parallel, retries, retry_delay, retry_jitter)
-        skipped = [mirror for mirror in mirrors if mirror.current]
         _place_blobs(ready, skipped, outcomes, link, options)
         for mirror in ready:
             outcome = outcomes[mirror.relative]
