@@ -34,6 +34,7 @@ DASK_SCHEMES = ("dask", "tcp", "tls")
 RUNNER_PATTERN = r"^(thread|dask|(dask|tcp|tls)://[^\s/]+:[0-9]+)$"
 
 INSTALL_HINT = "pip install 'dirimage[dask]'"
+LOCAL_DASHBOARD = "127.0.0.1:0"
 
 
 class RunnerUnavailable(ImportError):
@@ -106,9 +107,9 @@ def task_runner_for(spec: str, max_workers: int | None = None) -> Any:
     address = scheduler_address(spec)
     if address:
         return DaskTaskRunner(address=address)
-    # The dashboard would listen on every interface and outlive nobody's interest:
-    # a temporary cluster lives only as long as one flow run.
-    return DaskTaskRunner(cluster_kwargs={"dashboard_address": None})
+    # Dask's default dashboard port, 8787, is often taken (by another cluster);
+    # a free port on the loopback interface keeps the temporary cluster private.
+    return DaskTaskRunner(cluster_kwargs={"dashboard_address": LOCAL_DASHBOARD})
 
 
 @contextmanager

@@ -61,7 +61,7 @@ def test_task_runners():
 
     local = runners.task_runner_for("dask")
     assert local.address is None
-    assert local.cluster_kwargs == {"dashboard_address": None}
+    assert local.cluster_kwargs == {"dashboard_address": "127.0.0.1:0"}
 
 
 def test_thread_runner_opens_nothing():
