@@ -268,6 +268,7 @@ def run_sync(args) -> int:
             retry_delay=args.retry_delay,
             prune=args.prune,
             link=args.link,
+            runner=args.runner,
         )
 
     try:
@@ -384,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--link",
         action="store_true",
         help="store identical blobs of DST's images once (reflink or hard link)",
+    )
+    sync.add_argument(
+        "--runner",
+        type=_runner,
+        default=runners.THREAD,
+        metavar="RUNNER",
+        help=RUNNER_HELP,
     )
     sync.add_argument("--json", action="store_true", help="print the summary as JSON")
     sync.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")

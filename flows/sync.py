@@ -20,6 +20,7 @@ from pydantic import Field
 
 import storage
 import tasks
+from flows import runners
 from flows.bounded import run_bounded
 from flows.copy import (
     MAX_BATCH_BLOBS,
@@ -27,6 +28,7 @@ from flows.copy import (
     ImageCorrupt,
     Parallel,
     Retries,
+    Runner,
     Seconds,
     VerifyReport,
     _copy_task,
@@ -155,6 +157,7 @@ def sync_images(
     retry_jitter: Annotated[float, Field(ge=0, le=1)] = 0.5,
     prune: bool = False,
     link: bool = False,
+    runner: Runner = runners.THREAD,
 ) -> SyncSummary:
     """Mirror every image folder under one root to the same path under another.
 
@@ -175,6 +178,7 @@ def sync_images(
             longer has (only their layout files; anything else stays).
         link: Let identical blobs of different destination images share storage:
             a reflink where the filesystem supports it, else a hard link.
+        runner: Where the blob copies and links run, as for `copy_image`.
 
     Returns:
         One outcome per image: copied, skipped, failed (with the error) or pruned.
@@ -187,6 +191,7 @@ def sync_images(
     source_root = image_path(source_root)
     destination_root = image_path(destination_root)
     check_roots(source_root, destination_root)
+    runners.check_runner(runner)
     if not os.path.isdir(source_root):
         raise storage.NotAnImage(f"source root {source_root} is not a folder")
 
@@ -207,7 +212,8 @@ def sync_images(
 
     with ExitStack() as locks:
         ready = _lock_destinations(changed, locks, outcomes)
-        _place_blobs(ready, skipped, outcomes, link, options)
+        task_runner = locks.enter_context(runners.opened_runner(runner))
+        _place_blobs(ready, skipped, outcomes, link, options, task_runner)
         for mirror in ready:
             outcome = outcomes[mirror.relative]
             if outcome.status == FAILED:
@@ -305,7 +311,7 @@ def _link_units(blobs: list[BlobRef]) -> list[list[BlobRef]]:
     ]
 
 
-def _place_blobs(ready, skipped, outcomes, link: bool, options) -> None:
+def _place_blobs(ready, skipped, outcomes, link: bool, options, task_runner) -> None:
     """Put every blob of the `ready` images in place, each read from the source once.
 
     First the blobs each image is the first to need: from its source, or with
@@ -352,7 +358,7 @@ def _place_blobs(ready, skipped, outcomes, link: bool, options) -> None:
         total, count, f"Syncing {count} blobs of {len(ready)} images"
     )
     placed: set[tuple[str, str]] = set()
-    _run_jobs(first_jobs, outcomes, tracker, placed, options)
+    _run_jobs(first_jobs, outcomes, tracker, placed, options, task_runner)
 
     second_jobs = []
     for mirror in ready:
@@ -375,11 +381,11 @@ def _place_blobs(ready, skipped, outcomes, link: bool, options) -> None:
                     _Job(mirror, origin, tuple(unit), own_source)
                     for unit in batch_blobs(blobs, parallel)
                 ]
-    _run_jobs(second_jobs, outcomes, tracker, placed, options)
+    _run_jobs(second_jobs, outcomes, tracker, placed, options, task_runner)
     tracker.finish()
 
 
-def _run_jobs(jobs, outcomes, tracker, placed, options) -> None:
+def _run_jobs(jobs, outcomes, tracker, placed, options, task_runner) -> None:
     parallel, retries, retry_delay, retry_jitter = options
     single_task = _copy_task(retries, retry_delay, retry_jitter, single=True)
     batch_task = _copy_task(retries, retry_delay, retry_jitter, single=False)
@@ -387,19 +393,33 @@ def _run_jobs(jobs, outcomes, tracker, placed, options) -> None:
     def submit(job: _Job):
         destination = job.mirror.destination
         if job.link:
-            return tree_tasks.link_blobs.submit(
-                job.origin,
-                destination,
-                list(job.blobs),
-                job.verify_donor,
-                job.mirror.source,
+            return runners.submit(
+                task_runner,
+                tree_tasks.link_blobs,
+                donor=job.origin,
+                destination=destination,
+                blobs=list(job.blobs),
+                verify_donor=job.verify_donor,
+                fallback_source=job.mirror.source,
             )
         if len(job.blobs) == 1:
             blob = job.blobs[0]
-            return single_task.submit(
-                job.origin, destination, blob.digest, blob.size, blob.optional
+            return runners.submit(
+                task_runner,
+                single_task,
+                source=job.origin,
+                destination=destination,
+                digest=blob.digest,
+                size=blob.size,
+                optional=blob.optional,
             )
-        return batch_task.submit(job.origin, destination, list(job.blobs))
+        return runners.submit(
+            task_runner,
+            batch_task,
+            source=job.origin,
+            destination=destination,
+            blobs=list(job.blobs),
+        )
 
     def record(job: _Job, result) -> None:
         done = [result] if isinstance(result, BlobTransfer) else list(result)
