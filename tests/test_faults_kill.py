@@ -25,7 +25,12 @@ import storage
 
 MIB = 1024 * 1024
 KILL_SEED = 20260
-BLOB_KILL_POINTS = sorted(random.Random(KILL_SEED).uniform(0.1, 0.9) for _ in range(3))
+# One kill point in each band of the copy's progress, drawn from a seeded generator.
+_KILL_POINTS = random.Random(KILL_SEED)
+BLOB_KILL_POINTS = [
+    _KILL_POINTS.uniform(low, high)
+    for low, high in ((0.1, 0.35), (0.35, 0.6), (0.6, 0.9))
+]
 WATCH_TIMEOUT_SECONDS = 300
 
 
