@@ -388,53 +388,61 @@ class Bench:
         return run
 
     def round(self, spec: ImageSpec, source: Path, number: int) -> None:
-        env = base_environment()
-        cp_destination = self._fresh("cp")
-        self._time(
-            spec,
-            CP,
-            [CP, "-r", str(source), str(cp_destination)],
-            env,
-            source,
-            cp_destination,
-        )
-        shutil.rmtree(cp_destination)
+        """Run every copier once on `spec`'s image.
 
+        The order rotates from round to round, so that no copier always runs
+        first (after the previous image's clean-up) or always after dirimage.
+        """
+        steps = [self._cp, self._cp_sync, self._skopeo, self._dirimage_server]
+        if spec.embedded:
+            steps.append(self._dirimage_embedded)
+        shift = number % len(steps)
+        for step in steps[shift:] + steps[:shift]:
+            step(spec, source, number)
+
+    def _cp(self, spec: ImageSpec, source: Path, number: int) -> None:
+        destination = self._fresh("cp")
+        command = [CP, "-r", str(source), str(destination)]
+        self._time(spec, CP, command, base_environment(), source, destination)
+        shutil.rmtree(destination)
+
+    def _cp_sync(self, spec: ImageSpec, source: Path, number: int) -> None:
         # coreutils sync with file arguments fsyncs each of them.
-        sync_destination = self._fresh("cp-sync")
+        destination = self._fresh("cp-sync")
         script = 'cp -r "$1" "$2" && sync "$2"/*'
-        command = ["sh", "-c", script, "sh", str(source), str(sync_destination)]
-        self._time(spec, CP_SYNC, command, env, source, sync_destination)
-        shutil.rmtree(sync_destination)
+        command = ["sh", "-c", script, "sh", str(source), str(destination)]
+        self._time(spec, CP_SYNC, command, base_environment(), source, destination)
+        shutil.rmtree(destination)
 
-        skopeo_destination = self._fresh("skopeo")
+    def _skopeo(self, spec: ImageSpec, source: Path, number: int) -> None:
+        destination = self._fresh("skopeo")
         command = [SKOPEO, "--insecure-policy", "copy"]
-        command += [f"dir:{source}", f"dir:{skopeo_destination}"]
-        self._time(spec, SKOPEO, command, env, source, skopeo_destination)
-        shutil.rmtree(skopeo_destination)
+        command += [f"dir:{source}", f"dir:{destination}"]
+        self._time(spec, SKOPEO, command, base_environment(), source, destination)
+        shutil.rmtree(destination)
 
-        server_env = dict(env, PREFECT_HOME=str(self.client_home))
-        server_env["PREFECT_API_URL"] = self.server.api_url
+    def _dirimage_server(self, spec: ImageSpec, source: Path, number: int) -> None:
+        env = dict(base_environment(), PREFECT_HOME=str(self.client_home))
+        env["PREFECT_API_URL"] = self.server.api_url
         destination = self._fresh("dirimage")
         command = [self.dirimage, "copy", "--json", str(source), str(destination)]
-        self._time(spec, SERVER, command, server_env, source, destination)
+        self._time(spec, SERVER, command, env, source, destination)
         before = file_identities(destination)
-        rerun = self._time(spec, RERUN, command, server_env, source, destination)
+        rerun = self._time(spec, RERUN, command, env, source, destination)
         if rerun.summary["blobs_copied"] or file_identities(destination) != before:
             raise BenchmarkFailure(f"the rerun over {destination} rewrote blobs")
         shutil.rmtree(destination)
 
-        if spec.embedded:
-            home = self.workdir / f"embedded-home-{spec.name}-{number}"
-            home.mkdir()
-            embedded_env = dict(env, PREFECT_HOME=str(home))
-            for copier in (EMBEDDED_FIRST, EMBEDDED):
-                destination = self._fresh("dirimage")
-                command = [self.dirimage, "copy", "--json"]
-                command += [str(source), str(destination)]
-                self._time(spec, copier, command, embedded_env, source, destination)
-                shutil.rmtree(destination)
-            shutil.rmtree(home)
+    def _dirimage_embedded(self, spec: ImageSpec, source: Path, number: int) -> None:
+        home = self.workdir / f"embedded-home-{spec.name}-{number}"
+        home.mkdir()
+        env = dict(base_environment(), PREFECT_HOME=str(home))
+        for copier in (EMBEDDED_FIRST, EMBEDDED):
+            destination = self._fresh("dirimage")
+            command = [self.dirimage, "copy", "--json", str(source), str(destination)]
+            self._time(spec, copier, command, env, source, destination)
+            shutil.rmtree(destination)
+        shutil.rmtree(home)
 
 
 # Reporting
