@@ -41,9 +41,7 @@ def valid_digests(draw) -> str:
 def near_digests():
     """Text that looks like a digest: the likeliest way to slip past a parser."""
     algorithm = st.sampled_from(["sha256", "sha512", "SHA256", "md5", "", "sha256/.."])
-    body = st.text(
-        st.sampled_from("0123456789abcdefABCDEF./\\:-\x00 \n"), max_size=140
-    )
+    body = st.text(st.sampled_from("0123456789abcdefABCDEF./\\:-\x00 \n"), max_size=140)
     separator = st.sampled_from(":-")
     return st.builds(lambda a, s, b: f"{a}{s}{b}", algorithm, separator, body)
 
@@ -96,8 +94,10 @@ json_values = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=20)
     | valid_digests(),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
     max_leaves=30,
 )
 
@@ -129,8 +129,10 @@ manifest_like_values = st.recursive(
     | st.text(max_size=8)
     | valid_digests()
     | near_digests(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(manifest_keys, children, max_size=7),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(manifest_keys, children, max_size=7)
+    ),
     max_leaves=40,
 )
 
