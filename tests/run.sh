@@ -25,6 +25,10 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# A Dask worker puts its scratch folder, which holds a `storage` subfolder, first
+# on sys.path. The default editable install is found only after every sys.path
+# entry, so workers would import that empty folder; the compat mode puts this
+# checkout on sys.path instead, where the real package wins.
+.venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 
 exec .venv/bin/python -m pytest "$@"

@@ -29,7 +29,6 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 TEMP_PREFIX = ".dirimage-tmp-"
 COMMAND_TIMEOUT = 600
 # The checkout that holds the storage, tasks and flows packages.
-PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def make_layered_image(path: Path, layers: int, layer_size: int, seed: str) -> Path:
@@ -98,7 +97,6 @@ def cluster(tmp_path_factory, prefect_env):
     env = dict(os.environ)
     env["PREFECT_HOME"] = prefect_env["PREFECT_HOME"]
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    env["PYTHONPATH"] = worker_python_path()
     with running_cluster(tmp_path_factory.mktemp("dask"), workers=2, env=env) as dask:
         yield dask
 
@@ -114,18 +112,6 @@ def layered_image(tmp_path_factory) -> Path:
 
 def dirimage_command() -> list[str]:
     return [str(Path(sys.executable).with_name("dirimage"))]
-
-
-def worker_python_path() -> str:
-    """PYTHONPATH for Dask workers, so they import this checkout's packages.
-
-    A Dask worker puts its scratch folder first on sys.path, and that folder holds
-    a `storage` subfolder for spilled data. The editable install's import hook
-    is asked only after every sys.path entry, so the subfolder would be imported
-    as the `storage` package. A regular install, found on sys.path like this
-    checkout here, is not shadowed.
-    """
-    return os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
 
 
 def run_dirimage(arguments: list[str], env: dict[str, str]):
@@ -331,11 +317,9 @@ def test_worker_killed_mid_copy(prefect_env, cluster, tmp_path):
     cluster.wait_for_workers(2)
 
 
-def test_temporary_local_cluster(prefect_api, fresh_image, tmp_path, monkeypatch):
+def test_temporary_local_cluster(prefect_api, fresh_image, tmp_path):
     from flows.copy import copy_image
 
-    # The temporary cluster's worker processes inherit this environment.
-    monkeypatch.setenv("PYTHONPATH", worker_python_path())
     source = fresh_image("oci")
     summary = copy_image(str(source), str(tmp_path / "copy"), runner="dask")
 
