@@ -6,14 +6,24 @@ from typing import BinaryIO
 
 from storage import layout
 from storage.digest import Digest, parse_digest
-from storage.errors import FolderNotEmpty, ImageError, NotAnImage
+from storage.errors import (
+    FolderNotEmpty,
+    ImageError,
+    InvalidManifest,
+    NotAnImage,
+    TooLarge,
+    UnsafePath,
+)
 from storage.files import (
     fsync_folder,
     hash_stream,
     open_inside,
+    read_capped,
     write_atomically,
     write_blob_atomically,
 )
+from storage.manifest import parse_manifest
+from storage.source import MANIFEST_SIZE_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +57,18 @@ class DirImageDestination:
             fsync_folder(self.path)
         try:
             self.layout_version = layout.read_layout_version(self.path)
-        except NotAnImage:
+            if self.layout_version == layout.LEGACY_2016:
+                # Without a version file, only a manifest that parses says the
+                # folder is an image: `docker save` output has a manifest.json too.
+                parse_manifest(
+                    read_capped(
+                        self.path,
+                        layout.manifest_path(self.path),
+                        "manifest",
+                        MANIFEST_SIZE_LIMIT,
+                    )
+                )
+        except (NotAnImage, InvalidManifest, UnsafePath, TooLarge):
             raise FolderNotEmpty(
                 f"destination {self.path} is not empty and holds no dir: image; "
                 "refusing to write into it"
