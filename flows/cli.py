@@ -195,34 +195,6 @@ def run_verify(args) -> int:
     return EXIT_OK
 
 
-def run_serve(args) -> int:
-    _prepare_prefect(verbose=True)
-    from flows.serve import ServeConfigError, build_deployments, serve_flows
-
-    try:
-        deployments = build_deployments(
-            name=args.name,
-            scheduled_flow=args.flow,
-            cron=args.cron,
-            interval=args.interval,
-            parameters=dict(args.param),
-        )
-        serve_flows(deployments, limit=args.limit)
-    except ServeConfigError as error:
-        print(f"dirimage: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    return EXIT_OK
-
-
-def _param(text: str) -> tuple[str, object]:
-    from flows.serve import ServeConfigError, parse_param
-
-    try:
-        return parse_param(text)
-    except ServeConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _holds_images_below(path: str) -> bool:
     """Whether `path` is a folder that is not itself an image (so maybe a root)."""
     return (
@@ -314,6 +286,34 @@ def run_delete(args) -> int:
     else:
         print(f"{result.path}: deleted {len(result.removed)} files")
     return EXIT_OK
+
+
+def run_serve(args) -> int:
+    _prepare_prefect(verbose=True)
+    from flows.serve import ServeConfigError, build_deployments, serve_flows
+
+    try:
+        deployments = build_deployments(
+            name=args.name,
+            scheduled_flow=args.flow,
+            cron=args.cron,
+            interval=args.interval,
+            parameters=dict(args.param),
+        )
+        serve_flows(deployments, limit=args.limit)
+    except ServeConfigError as error:
+        print(f"dirimage: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _param(text: str) -> tuple[str, object]:
+    from flows.serve import ServeConfigError, parse_param
+
+    try:
+        return parse_param(text)
+    except ServeConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
