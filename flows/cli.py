@@ -173,21 +173,28 @@ def run_copy(args) -> int:
 
 def run_verify(args) -> int:
     _prepare_prefect(args.verbose)
-    if _holds_images_below(_strip_dir(args.image)):
-        return _run_verify_tree(args)
     from flows.copy import ImageCorrupt, verify_image
+    from flows.sync import verify_images
 
+    whole_tree = _holds_images_below(_strip_dir(args.image))
     try:
-        report = verify_image(args.image, parallel=args.parallel, runner=args.runner)
+        if whole_tree:
+            reports = verify_images(args.image, parallel=args.parallel)
+        else:
+            image = verify_image(args.image, parallel=args.parallel, runner=args.runner)
+            reports = [image]
     except ImageCorrupt as error:
         for problem in error.problems:
             print(f"dirimage: {problem}", file=sys.stderr)
         if args.json:
             print(json.dumps({"path": error.path, "problems": error.problems}))
         return EXIT_FAILED
+
     if args.json:
-        print(json.dumps(report.__dict__, indent=2))
-    else:
+        described = [report.__dict__ for report in reports]
+        print(json.dumps(described if whole_tree else described[0], indent=2))
+        return EXIT_OK
+    for report in reports:
         print(
             f"{report.path}: {report.blobs_checked} blobs "
             f"({report.bytes_checked / MIB:.1f} MiB) intact"
@@ -202,29 +209,6 @@ def _holds_images_below(path: str) -> bool:
         and not os.path.lexists(os.path.join(path, "manifest.json"))
         and not os.path.lexists(os.path.join(path, "version"))
     )
-
-
-def _run_verify_tree(args) -> int:
-    from flows.copy import ImageCorrupt
-    from flows.sync import verify_images
-
-    try:
-        reports = verify_images(args.image, parallel=args.parallel)
-    except ImageCorrupt as error:
-        for problem in error.problems:
-            print(f"dirimage: {problem}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"path": error.path, "problems": error.problems}))
-        return EXIT_FAILED
-    if args.json:
-        print(json.dumps([report.__dict__ for report in reports], indent=2))
-    else:
-        for report in reports:
-            print(
-                f"{report.path}: {report.blobs_checked} blobs "
-                f"({report.bytes_checked / MIB:.1f} MiB) intact"
-            )
-    return EXIT_OK
 
 
 def run_sync(args) -> int:

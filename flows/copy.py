@@ -197,6 +197,7 @@ def copy_blobs_bounded(
 Parallel = Annotated[int, Field(ge=1, le=256)]
 Retries = Annotated[int, Field(ge=0, le=50)]
 Seconds = Annotated[float, Field(ge=0, le=3600)]
+Jitter = Annotated[float, Field(ge=0, le=1)]
 Runner = Annotated[str, Field(pattern=runners.RUNNER_PATTERN)]
 
 
@@ -207,7 +208,7 @@ def copy_image(
     parallel: Parallel = 8,
     retries: Retries = 3,
     retry_delay: Seconds = 1.0,
-    retry_jitter: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    retry_jitter: Jitter = 0.5,
     remove_signatures: bool = False,
     platform: Annotated[str | None, Field(pattern=r"^[^/]+/[^/]+(/[^/]+)?$")] = None,
     runner: Runner = runners.THREAD,

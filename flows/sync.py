@@ -12,11 +12,9 @@ import time
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from pydantic import Field
 
 import storage
 import tasks
@@ -26,6 +24,7 @@ from flows.copy import (
     MAX_BATCH_BLOBS,
     MIB,
     ImageCorrupt,
+    Jitter,
     Parallel,
     Retries,
     Runner,
@@ -154,7 +153,7 @@ def sync_images(
     parallel: Parallel = 8,
     retries: Retries = 3,
     retry_delay: Seconds = 1.0,
-    retry_jitter: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    retry_jitter: Jitter = 0.5,
     prune: bool = False,
     link: bool = False,
     runner: Runner = runners.THREAD,
