@@ -25,6 +25,9 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 VENV_BIN = Path(sys.executable).parent
 
 
+SERVICE_UNAVAILABLE_TRIES = 10
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -105,8 +108,23 @@ class PrefectServer:
     def api_url(self) -> str:
         return f"{self.url}/api"
 
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """Send a request, trying again while the server answers 503.
+
+        A server on SQLite answers 503 while its database is locked by its own
+        services; Prefect's client and UI try again, and so do the tests.
+        """
+        for _ in range(SERVICE_UNAVAILABLE_TRIES - 1):
+            response = self.http.request(method, path, **kwargs)
+            if response.status_code != 503:
+                return response
+            time.sleep(1)
+        return self.http.request(method, path, **kwargs)
+
     def deployment(self, flow_name: str, deployment_name: str) -> dict | None:
-        response = self.http.get(f"/deployments/name/{flow_name}/{deployment_name}")
+        response = self.request(
+            "GET", f"/deployments/name/{flow_name}/{deployment_name}"
+        )
         if response.status_code == 404:
             return None
         response.raise_for_status()
@@ -114,17 +132,18 @@ class PrefectServer:
 
     def create_flow_run(self, deployment_id: str, **body) -> httpx.Response:
         """What the UI's Run button sends; returns the raw response."""
-        return self.http.post(
-            f"/deployments/{deployment_id}/create_flow_run", json=body
+        return self.request(
+            "POST", f"/deployments/{deployment_id}/create_flow_run", json=body
         )
 
     def flow_run(self, flow_run_id: str) -> dict:
-        response = self.http.get(f"/flow_runs/{flow_run_id}")
+        response = self.request("GET", f"/flow_runs/{flow_run_id}")
         response.raise_for_status()
         return response.json()
 
     def flow_runs(self, deployment_id: str) -> list[dict]:
-        response = self.http.post(
+        response = self.request(
+            "POST",
             "/flow_runs/filter",
             json={"deployments": {"id": {"any_": [deployment_id]}}},
         )
@@ -132,7 +151,8 @@ class PrefectServer:
         return response.json()
 
     def task_runs(self, flow_run_id: str) -> list[dict]:
-        response = self.http.post(
+        response = self.request(
+            "POST",
             "/task_runs/filter",
             json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
         )
@@ -140,7 +160,8 @@ class PrefectServer:
         return response.json()
 
     def artifacts(self, flow_run_id: str) -> list[dict]:
-        response = self.http.post(
+        response = self.request(
+            "POST",
             "/artifacts/filter",
             json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
         )

@@ -186,7 +186,8 @@ def test_prefect_deploy_all_and_a_process_worker(prefect_server, fresh_image, tm
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 
-    response = prefect_server.http.post(
+    response = prefect_server.request(
+        "POST",
         "/deployments/filter",
         json={"work_pools": {"name": {"any_": [WORK_POOL]}}},
     )
