@@ -6,6 +6,8 @@ Prefect is imported only by the commands that run flows.
 """
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import sys
@@ -30,6 +32,30 @@ def _prepare_prefect(verbose: bool) -> None:
     # With no PREFECT_API_URL, Prefect starts a temporary server and gives up
     # after 20 s; on a busy two-core machine its start alone took longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Only a temporary server started by this process reads this. Its telemetry
+    # job wrote to the SQLite database while the flow did, and lost the race with
+    # a "database is locked" traceback.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@contextlib.contextmanager
+def _flow_settings(verbose: bool):
+    """Prefect settings for the flows one command runs.
+
+    On the temporary server Prefect starts when no API URL is configured, flow
+    run heartbeats are switched off: that server dies with this process, so
+    nothing would ever act on them, and each flow run would otherwise wait up to
+    a second at its end for the heartbeat thread to stop. Against a configured
+    server they stay on, since it uses them to notice crashed runs.
+    """
+    _prepare_prefect(verbose)
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield
+        return
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
 
 
 class ProgressBar:
@@ -246,13 +272,16 @@ def run_sync(args) -> int:
     return status
 
 
-def run_delete(args) -> int:
+def check_delete(args) -> None:
+    """Refuse a folder that is not an image before paying for Prefect's start."""
     path = os.path.abspath(_strip_dir(args.image))
     if os.path.lexists(path):
-        # Refuse before paying for Prefect's start-up.
         from storage.delete import check_deletable
 
         check_deletable(path)
+
+
+def run_delete(args) -> int:
     _prepare_prefect(args.verbose)
     from flows.delete import delete_image
 
@@ -330,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy.add_argument("--json", action="store_true", help="print the summary as JSON")
     copy.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")
-    copy.set_defaults(run=run_copy)
+    copy.set_defaults(run=run_copy, runs_flows=True)
 
     verify = commands.add_parser("verify", help="check every blob of an image")
     verify.add_argument("image", metavar="DIR")
@@ -344,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true")
     verify.add_argument("-v", "--verbose", action="store_true")
-    verify.set_defaults(run=run_verify)
+    verify.set_defaults(run=run_verify, runs_flows=True)
 
     sync = commands.add_parser(
         "sync",
@@ -379,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--json", action="store_true", help="print the summary as JSON")
     sync.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs")
-    sync.set_defaults(run=run_sync)
+    sync.set_defaults(run=run_sync, runs_flows=True)
 
     delete = commands.add_parser(
         "delete",
@@ -400,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     delete.add_argument("--json", action="store_true")
     delete.add_argument("-v", "--verbose", action="store_true")
-    delete.set_defaults(run=run_delete)
+    delete.set_defaults(run=run_delete, runs_flows=True, check=check_delete)
 
     serve = commands.add_parser(
         "serve",
@@ -442,7 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        if getattr(args, "check", None):
+            args.check(args)
+        if not getattr(args, "runs_flows", False):
+            return args.run(args)
+        with _flow_settings(args.verbose):
+            status = args.run(args)
+        # Nothing is collected after this: the process ends, and a last sweep
+        # over Prefect's many objects took about a second at exit.
+        gc.freeze()
+        return status
     except KeyboardInterrupt:
         print("dirimage: interrupted", file=sys.stderr)
         return 130
