@@ -345,7 +345,7 @@ def _report_copy(logger, summary: CopySummary) -> None:
     )
 
 
-def _blob_bytes(path: str, blobs: tuple[BlobRef, ...]) -> int:
+def blob_bytes(path: str, blobs: tuple[BlobRef, ...]) -> int:
     """Bytes of `blobs` in the image at `path`: the sizes the manifests record or,
     where they record none (schema 1), the sizes of the files."""
     source = storage.DirImageSource(path)
@@ -398,7 +398,7 @@ def verify_image(
         path=path,
         manifest_digest=plan.manifest_digest,
         blobs_checked=len(plan.blobs),
-        bytes_checked=_blob_bytes(path, plan.blobs),
+        bytes_checked=blob_bytes(path, plan.blobs),
         seconds=round(time.perf_counter() - started, 3),
         problems=problems,
     )

@@ -32,6 +32,7 @@ from flows.copy import (
     VerifyReport,
     _copy_task,
     batch_blobs,
+    blob_bytes,
     commit_image,
     image_path,
 )
@@ -562,7 +563,7 @@ def verify_images(root: str, parallel: Parallel = 8) -> list[VerifyReport]:
                 path=_below(root, relative),
                 manifest_digest=plan.manifest_digest if plan else "",
                 blobs_checked=len(plan.blobs) if plan else 0,
-                bytes_checked=plan.total_bytes if plan else 0,
+                bytes_checked=blob_bytes(plan.source, plan.blobs) if plan else 0,
                 seconds=seconds,
                 problems=problems[relative],
             )
