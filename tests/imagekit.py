@@ -55,6 +55,17 @@ DOCKER_V2S2 = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_V2S1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_V2S1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+# The media type each kind's manifest.json turns out to have, as skopeo wrote it.
+KIND_MEDIA_TYPES = {
+    "oci": OCI_MANIFEST,
+    "v2s2": DOCKER_V2S2,
+    "v2s1": DOCKER_V2S1_SIGNED,
+    "index": OCI_INDEX,
+    "list": DOCKER_LIST,
+    "signed": DOCKER_V2S2,
+    "legacy-1.0": DOCKER_V2S2,
+    "legacy-2016": DOCKER_V2S2,
+}
 
 DIR_VERSION_1_1 = "Directory Transport Version: 1.1\n"
 DIR_VERSION_1_0 = "Directory Transport Version: 1.0\n"

@@ -32,17 +32,6 @@ LAYER_A = sha256(b"layer a")
 LAYER_B = sha256(b"layer b")
 CONFIG = sha256(b"config")
 
-KIND_MEDIA_TYPES = {
-    "oci": OCI_MANIFEST,
-    "v2s2": DOCKER_V2_SCHEMA2,
-    "v2s1": DOCKER_V2_SCHEMA1_SIGNED,
-    "index": OCI_INDEX,
-    "list": DOCKER_MANIFEST_LIST,
-    "signed": DOCKER_V2_SCHEMA2,
-    "legacy-1.0": DOCKER_V2_SCHEMA2,
-    "legacy-2016": DOCKER_V2_SCHEMA2,
-}
-
 
 def skopeo_manifest_digest(path: Path) -> str:
     """The digest skopeo computes for the manifest file at `path`."""
@@ -136,7 +125,7 @@ class TestRealImages:
     def test_parse_recognises_the_kind(self, dir_images, kind):
         """Each kind parses to its media type."""
         data = (dir_images[kind] / "manifest.json").read_bytes()
-        assert parse_manifest(data).media_type == KIND_MEDIA_TYPES[kind]
+        assert parse_manifest(data).media_type == imagekit.KIND_MEDIA_TYPES[kind]
 
     @pytest.mark.parametrize(
         "kind", [k for k in imagekit.KINDS if k not in imagekit.MULTI_INSTANCE_KINDS]

@@ -20,23 +20,8 @@ from storage import (
     verify_blob,
 )
 from storage.manifest import (
-    DOCKER_MANIFEST_LIST,
-    DOCKER_V2_SCHEMA1_SIGNED,
-    DOCKER_V2_SCHEMA2,
-    OCI_INDEX,
     OCI_MANIFEST,
 )
-
-MEDIA_TYPES = {
-    "oci": OCI_MANIFEST,
-    "v2s2": DOCKER_V2_SCHEMA2,
-    "v2s1": DOCKER_V2_SCHEMA1_SIGNED,
-    "index": OCI_INDEX,
-    "list": DOCKER_MANIFEST_LIST,
-    "signed": DOCKER_V2_SCHEMA2,
-    "legacy-1.0": DOCKER_V2_SCHEMA2,
-    "legacy-2016": DOCKER_V2_SCHEMA2,
-}
 
 
 def blob_digests_on_disk(path: Path) -> set[str]:
@@ -76,7 +61,7 @@ class TestPlanImage:
         assert len(digests) == len(set(digests))
         assert set(digests) == blob_digests_on_disk(path)
         assert plan.manifest == (path / "manifest.json").read_bytes()
-        assert plan.media_type == MEDIA_TYPES[kind]
+        assert plan.media_type == imagekit.KIND_MEDIA_TYPES[kind]
         assert plan.manifest_digest == parse_manifest(plan.manifest).digest
         assert plan.layout_version == "1.1"
         assert plan.problems == ()
