@@ -25,10 +25,11 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# A Dask worker puts its scratch folder, which holds a `storage` subfolder, first
-# on sys.path. The default editable install is found only after every sys.path
-# entry, so workers would import that empty folder; the compat mode puts this
-# checkout on sys.path instead, where the real package wins.
-.venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+# A regular install, not an editable one: a Dask worker puts its scratch folder,
+# which holds a `storage` subfolder, first on sys.path, and an editable install's
+# import hook is asked only after every sys.path entry, so workers would import
+# that empty folder. An installed package on sys.path wins over it. Installing on
+# every run keeps the installed copy equal to the checkout.
+.venv/bin/python -m pip install -q '.[test]'
 
 exec .venv/bin/python -m pytest "$@"
