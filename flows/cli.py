@@ -13,7 +13,7 @@ import os
 import sys
 
 import storage
-from flows import runners
+from flows import runners, temporary_server
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MIB = 1024 * 1024
@@ -42,19 +42,41 @@ def _prepare_prefect(verbose: bool) -> None:
 def _flow_settings(verbose: bool):
     """Prefect settings for the flows one command runs.
 
-    On the temporary server Prefect starts when no API URL is configured, flow
-    run heartbeats are switched off: that server dies with this process, so
-    nothing would ever act on them, and each flow run would otherwise wait up to
-    a second at its end for the heartbeat thread to stop. Against a configured
-    server they stay on, since it uses them to notice crashed runs.
+    With no API URL configured, the command serves its runs from a temporary
+    server that it starts before importing Prefect (see `flows.temporary_server`);
+    if that server does not come up, Prefect starts its own as usual.
+
+    On a temporary server, flow run heartbeats are switched off: the server dies
+    with this process, so nothing would ever act on them, and each flow run would
+    otherwise wait up to a second at its end for the heartbeat thread to stop.
+    Against a configured server they stay on, since it uses them to notice
+    crashed runs.
     """
     _prepare_prefect(verbose)
+    server = temporary_server.launch(verbose)
     from prefect.settings import get_current_settings, temporary_settings
 
-    if get_current_settings().api.url:
+    settings = get_current_settings()
+    if settings.api.url:
+        if server is not None:
+            server.stop()
         yield
         return
-    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+
+    updates = {"flows.heartbeat_frequency": None}
+    url = None
+    if server is not None:
+        url = server.wait_until_ready(settings.server.ephemeral.startup_timeout_seconds)
+    if url is None:
+        with temporary_settings(updates=updates):
+            yield
+        return
+    # The environment too, for good: Prefect's background threads and the
+    # processes a flow starts (a local Dask cluster's workers) read their
+    # settings from it, and its exit handlers still send events after this.
+    updates["api.url"] = url
+    os.environ["PREFECT_API_URL"] = url
+    with temporary_settings(updates=updates):
         yield
 
 
