@@ -92,15 +92,37 @@ def image_path(location: str) -> str:
 
 
 def check_distinct(source: str, destination: str) -> None:
-    """Refuse a copy of an image onto itself or into a folder inside its source."""
+    """Refuse a copy of an image onto itself or into a folder inside its source.
+
+    Paths are compared after resolving links, and folders by device and inode
+    too, since a bind mount gives one folder two unrelated paths.
+    """
     real_source = os.path.realpath(source)
     real_destination = os.path.realpath(destination)
-    if real_source == real_destination:
-        raise ValueError(f"refusing to copy {source} onto itself")
-    if os.path.commonpath([real_source, real_destination]) == real_source:
-        raise ValueError(
-            f"refusing to copy {source} into {destination}, a folder inside it"
+    source_identity = _identity(real_source)
+    folder = real_destination
+    while True:
+        same = folder == real_source or (
+            source_identity is not None and _identity(folder) == source_identity
         )
+        if same and folder == real_destination:
+            raise ValueError(f"refusing to copy {source} onto itself")
+        if same:
+            raise ValueError(
+                f"refusing to copy {source} into {destination}, a folder inside it"
+            )
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def batch_blobs(blobs: list[BlobRef], parallel: int) -> list[list[BlobRef]]:
@@ -194,6 +216,7 @@ def copy_blobs_bounded(
     return transfers
 
 
+ImagePath = Annotated[str, Field(min_length=1)]
 Parallel = Annotated[int, Field(ge=1, le=256)]
 Retries = Annotated[int, Field(ge=0, le=50)]
 Seconds = Annotated[float, Field(ge=0, le=3600)]
@@ -203,8 +226,8 @@ Runner = Annotated[str, Field(pattern=runners.RUNNER_PATTERN)]
 
 @flow(name="copy-image", persist_result=False)
 def copy_image(
-    source: str,
-    destination: str,
+    source: ImagePath,
+    destination: ImagePath,
     parallel: Parallel = 8,
     retries: Retries = 3,
     retry_delay: Seconds = 1.0,
@@ -363,7 +386,7 @@ def blob_bytes(path: str, blobs: tuple[BlobRef, ...]) -> int:
 
 @flow(name="verify-image", persist_result=False)
 def verify_image(
-    path: str, parallel: Parallel = 8, runner: Runner = runners.THREAD
+    path: ImagePath, parallel: Parallel = 8, runner: Runner = runners.THREAD
 ) -> VerifyReport:
     """Hash every blob of an image in parallel and report what is missing or corrupt.
 
