@@ -18,6 +18,7 @@ from prefect import Flow, serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 from prefect.settings import PREFECT_API_URL
+from prefect.types.entrypoint import EntrypointType
 from prefect.utilities.callables import ParameterSchema
 from prefect.utilities.schema_tools.validation import validate
 
@@ -175,6 +176,10 @@ def build_deployments(
                 description=summary(flow),
                 tags=["dirimage"],
                 enforce_parameter_schema=True,
+                # Loaded by module name, not as a script under a made-up module
+                # name, the flow's tasks can be pickled to Dask workers, which
+                # import the same installed module.
+                entrypoint_type=EntrypointType.MODULE_PATH,
                 **options,
             )
         except ValueError as error:
