@@ -10,6 +10,8 @@ import os
 import re
 import subprocess
 import time
+from datetime import datetime, timezone
+from datetime import time as dt_time
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,32 @@ def test_interval_schedule_starts_runs_and_sigterm_stops_cleanly(
     assert "Traceback" not in log
     paused = prefect_server.deployment("copy-image", "every-few-seconds")
     assert paused["paused"] is True
+
+
+def test_cron_schedule_plans_runs_at_that_time_in_utc(prefect_server, dirimage_serve):
+    served = dirimage_serve(
+        "nightly",
+        "--cron",
+        "0 3 * * *",
+        "--param",
+        "source=/srv/images/app",
+        "--param",
+        "destination=/backup/images/app",
+    )
+    deployment = prefect_server.deployment("copy-image", "nightly")
+    [schedule] = deployment["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * *"
+    assert schedule["active"] is True
+
+    deadline = time.monotonic() + 120
+    while not (runs := prefect_server.flow_runs(deployment["id"])):
+        assert time.monotonic() < deadline, tail(served.log_path)
+        time.sleep(0.5)
+    for run in runs:
+        assert run["state_type"] == "SCHEDULED"
+        assert run["parameters"]["source"] == "/srv/images/app"
+        start = datetime.fromisoformat(run["expected_start_time"])
+        assert start.astimezone(timezone.utc).time() == dt_time(3, 0), start
 
 
 @pytest.mark.parametrize(
