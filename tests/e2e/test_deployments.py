@@ -406,6 +406,9 @@ def test_worker_then_prefect_deploy_all_on_a_fresh_server(
         assert pool["type"] == "process"
         deploy = deploy_all()
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        # Deploying again, as after an edit of prefect.yaml, asks nothing either.
+        again = deploy_all()
+        assert again.returncode == 0, again.stdout + again.stderr
 
         response = prefect_server.request(
             "POST",
