@@ -15,8 +15,11 @@ import json
 from datetime import timedelta
 
 from prefect import Flow, serve
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 from prefect.settings import PREFECT_API_URL
+from prefect.types.entrypoint import EntrypointType
+from prefect.utilities.callables import ParameterSchema
 from prefect.utilities.schema_tools.validation import validate
 
 # Flow name to (module, function). Flows whose module is not part of this
@@ -34,6 +37,26 @@ DEFAULT_SCHEDULED_FLOW = "copy-image"
 
 class ServeConfigError(ValueError):
     """The deployments cannot be served as asked; the message says why."""
+
+
+class ClosedParameterSchema(ParameterSchema):
+    """A flow's parameter schema that also refuses names the flow does not take.
+
+    Prefect builds the schema from the flow's signature and leaves out
+    `additionalProperties`, so the server accepts a misspelled optional
+    parameter and the run crashes when it starts; with it set to false, the
+    server refuses the run before creating it.
+    """
+
+    additionalProperties: bool = False
+
+
+def closed_schema(schema: ParameterSchema) -> ClosedParameterSchema:
+    """`schema` with unknown parameter names refused."""
+    # Set explicitly: deployments send the schema with `exclude_unset=True`.
+    return ClosedParameterSchema(
+        **schema.model_dump(exclude_unset=True), additionalProperties=False
+    )
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -98,6 +121,17 @@ def check_parameters(flow: Flow, parameters: dict, scheduled: bool) -> None:
         )
 
 
+def check_cron(cron: str) -> None:
+    """Refuse a cron expression the server would not accept."""
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise ServeConfigError(
+            f"--cron {cron!r} is not a valid cron expression (minute hour day "
+            "month weekday, each in range, for example '0 3 * * *')"
+        ) from None
+
+
 def build_deployments(
     name: str = DEFAULT_DEPLOYMENT_NAME,
     scheduled_flow: str = DEFAULT_SCHEDULED_FLOW,
@@ -110,7 +144,7 @@ def build_deployments(
     The flow named `scheduled_flow` gets the schedule (`cron` or `interval`
     seconds, not both) and the default `parameters`; the others get neither.
     Every deployment makes the server check parameters against the flow's
-    signature before a run is created.
+    signature before a run is created, unknown names included.
     """
     flows = available_flows()
     if scheduled_flow not in flows:
@@ -121,6 +155,8 @@ def build_deployments(
         raise ServeConfigError("give --cron or --interval, not both")
     if interval is not None and interval <= 0:
         raise ServeConfigError(f"--interval must be positive, found {interval}")
+    if cron:
+        check_cron(cron)
     parameters = parameters or {}
     scheduled = bool(cron or interval)
     check_parameters(flows[scheduled_flow], parameters, scheduled)
@@ -140,10 +176,19 @@ def build_deployments(
                 description=summary(flow),
                 tags=["dirimage"],
                 enforce_parameter_schema=True,
+                # Loaded by module name, not as a script under a made-up module
+                # name, the flow's tasks can be pickled to Dask workers, which
+                # import the same installed module.
+                entrypoint_type=EntrypointType.MODULE_PATH,
                 **options,
             )
         except ValueError as error:
             raise ServeConfigError(f"{flow_name}: {error}") from error
+        # Prefect offers no argument for this; `prefect deploy` sets the same
+        # attribute to install the schema it built.
+        deployment._parameter_openapi_schema = closed_schema(
+            deployment._parameter_openapi_schema
+        )
         deployments.append(deployment)
     return deployments
 

@@ -127,10 +127,12 @@ def dirimage_serve(prefect_server, tmp_path):
 
 @pytest.fixture(scope="module")
 def served_copy(prefect_server, tmp_path_factory):
-    """One `dirimage serve --name e2e` (no defaults, no schedule) per module.
+    """One `dirimage serve --name serve` (no defaults, no schedule) per module.
 
-    Returns the ServeProcess and the copy-image deployment it registered.
+    The deployments get the name plain `dirimage serve` gives them, so examples
+    that start `copy-image/serve` run unchanged. Returns the ServeProcess and
+    the copy-image deployment it registered.
     """
     with serve_starter(prefect_server, tmp_path_factory.mktemp("serve")) as start:
-        served = start("e2e")
-        yield served, prefect_server.deployment("copy-image", "e2e")
+        served = start("serve")
+        yield served, prefect_server.deployment("copy-image", "serve")

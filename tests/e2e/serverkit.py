@@ -4,6 +4,7 @@
 `client_env` is the environment every process gets that talks to the server.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -165,6 +166,24 @@ class PrefectServer:
             "/artifacts/filter",
             json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
         )
+        response.raise_for_status()
+        return response.json()
+
+    def table_rows(self, flow_run_id: str) -> list[dict]:
+        """The rows of the run's table artifact (the copy summary)."""
+        tables = [
+            artifact
+            for artifact in self.artifacts(flow_run_id)
+            if artifact["type"] == "table"
+        ]
+        assert len(tables) == 1, f"expected one table artifact, found {tables}"
+        data = tables[0]["data"]
+        return json.loads(data) if isinstance(data, str) else data
+
+    def work_pool(self, name: str) -> dict | None:
+        response = self.request("GET", f"/work_pools/{name}")
+        if response.status_code == 404:
+            return None
         response.raise_for_status()
         return response.json()
 

@@ -8,11 +8,13 @@ that the README shows.
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from serverkit import tail
 
+import faultkit
 import imagekit
 
 pytestmark = pytest.mark.e2e
@@ -28,11 +30,25 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-VIEWPORT = {"width": 1400, "height": 1000}
+# Wide enough for every column of the summary table beside the run's details.
+VIEWPORT = {"width": 1600, "height": 1000}
 UI_TIMEOUT_MS = 60_000
+MIB = 1024 * 1024
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "data" / "screenshots"
 # Screenshots the README shows, copied when DIRIMAGE_UPDATE_SCREENSHOTS=1.
-KEPT_SCREENSHOTS = ("run-page.png",)
+KEPT_SCREENSHOTS = ("run-page.png", "summary-artifact.png")
+
+
+def blob_digests(image: Path) -> list[str]:
+    return [f"sha256:{blob.name}" for blob in imagekit.blob_files(image)]
+
+
+@pytest.fixture
+def short_root():
+    """A new folder with a short path, so the paths the screenshots show read well."""
+    root = Path(tempfile.mkdtemp(prefix="dirimage-ui-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -52,11 +68,15 @@ def browser():
 
 
 def test_run_button_starts_a_copy_that_completes(
-    prefect_server, dirimage_serve, browser, fresh_image, tmp_path
+    prefect_server, dirimage_serve, browser, short_root, tmp_path
 ):
     imagekit.require_tool("skopeo")
-    source = fresh_image("index")
-    destination = tmp_path / "from-the-ui"
+    # A new version of an app over its previous one, in folders named as on a
+    # server: the two share their first two layers, which the copy reuses.
+    source = short_root / "srv/images/app"
+    destination = short_root / "backup/images/app"
+    faultkit.make_synthetic_image(destination, [12 * MIB, 6 * MIB], "app")
+    faultkit.make_synthetic_image(source, [12 * MIB, 6 * MIB, 2 * MIB], "app")
     served = dirimage_serve(
         "ui", "--param", f"source={source}", "--param", f"destination={destination}"
     )
@@ -101,7 +121,16 @@ def test_run_button_starts_a_copy_that_completes(
     summary_card.wait_for()
     page.screenshot(path=shots / "run-page.png")
     summary_card.click()
-    page.get_by_text("copied", exact=True).first.wait_for()
+    # The table lists every blob with its size, action and seconds.
+    table = page.get_by_role("table")
+    table.wait_for()
+    header = table.get_by_role("row").first.inner_text()
+    for column in ("blob", "size", "action", "seconds"):
+        assert column in header, header
+    for digest in blob_digests(source):
+        table.get_by_text(digest, exact=True).wait_for()
+    for action in ("copied", "reused"):
+        table.get_by_text(action, exact=True).first.wait_for()
     page.screenshot(path=shots / "summary-artifact.png", full_page=True)
 
     for name in ("run-form.png", "run-page.png", "summary-artifact.png"):
