@@ -226,29 +226,17 @@ def sync_images(
     total_bytes += sum(blob.size or 0 for _, blobs in shares for blob in blobs)
     total_blobs = sum(len(mirror.plan.blobs) for mirror in changed)
     total_blobs += sum(len(blobs) for _, blobs in shares)
+    images = len(changed) + len(shares)
     tracker = ProgressTracker(
-        total_bytes,
-        total_blobs,
-        f"Syncing {total_blobs} blobs of {len(mirrors)} images",
+        total_bytes, total_blobs, f"Syncing {total_blobs} blobs of {images} images"
     )
     options = _Options(parallel, retries, retry_delay, retry_jitter, link)
-    group_size = lock_group_size()
 
-    with runners.opened_runner(runner) as task_runner:
-        placer = _Placer(outcomes, options, task_runner, tracker, donors)
-        for start in range(0, len(changed), group_size):
-            with ExitStack() as locks:
-                group = changed[start : start + group_size]
-                ready = _lock_destinations(group, locks, outcomes)
-                placer.place(ready)
-                for mirror in ready:
-                    placer.commit(mirror)
-        for start in range(0, len(shares), group_size):
-            with ExitStack() as locks:
-                group = shares[start : start + group_size]
-                locked = _lock_destinations([m for m, _ in group], locks, outcomes)
-                names = {mirror.relative for mirror in locked}
-                placer.share([share for share in group if share[0].relative in names])
+    if images:
+        with runners.opened_runner(runner) as task_runner:
+            placer = _Placer(outcomes, options, task_runner, tracker, donors)
+            _in_locked_groups(changed, lambda mirror: mirror, outcomes, placer.place)
+            _in_locked_groups(shares, lambda share: share[0], outcomes, placer.share)
     tracker.finish()
 
     if prune:
@@ -330,6 +318,21 @@ def _shares(skipped, donors: dict[str, str]) -> list[tuple[MirrorPlan, list[Blob
     return shares
 
 
+def _in_locked_groups(items: list, mirror_of, outcomes, work) -> None:
+    """Call `work(group)` on groups of `items` while their images are locked.
+
+    `mirror_of(item)` is the item's image. An image that cannot be locked is
+    marked failed and left out of its group.
+    """
+    size = lock_group_size()
+    for start in range(0, len(items), size):
+        group = items[start : start + size]
+        with ExitStack() as locks:
+            mirrors = [mirror_of(item) for item in group]
+            locked = {m.relative for m in _lock_destinations(mirrors, locks, outcomes)}
+            work([item for item in group if mirror_of(item).relative in locked])
+
+
 def _lock_destinations(mirrors, locks: ExitStack, outcomes) -> list[MirrorPlan]:
     """Open and lock each image's destination; returns those that could be."""
     ready = []
@@ -398,7 +401,7 @@ class _Placer:
         self.donors = donors
 
     def place(self, ready: list[MirrorPlan]) -> None:
-        """Put every blob of the `ready` images in place.
+        """Put every blob of the `ready` images in place, then commit each.
 
         First the blobs each image is the first of the group to need: from a
         donor, else from its own source. Then the blobs an earlier image of the
@@ -439,6 +442,8 @@ class _Placer:
             for origin, blobs in by_origin.items():
                 second_jobs += self._jobs(mirror, origin, blobs)
         self._run(second_jobs, placed)
+        for mirror in ready:
+            self._commit(mirror)
 
     def _jobs(self, mirror, origin: str, blobs, verify_origin=False) -> list[_Job]:
         if origin == mirror.source:
@@ -451,7 +456,7 @@ class _Placer:
             units = batch_blobs(blobs, self.options.parallel)
         return [_Job(mirror, origin, tuple(unit), how, verify_origin) for unit in units]
 
-    def commit(self, mirror: MirrorPlan) -> None:
+    def _commit(self, mirror: MirrorPlan) -> None:
         """Commit an image whose blobs are in place; it becomes a donor."""
         outcome = self.outcomes[mirror.relative]
         if outcome.status == FAILED:
