@@ -450,7 +450,9 @@ class _Placer:
             how = FROM_SOURCE
         else:
             how = LINK if self.options.link else LOCAL_COPY
-        if how == LINK:
+        # Links are cheap and travel in large batches; copies and hashing spread
+        # over tasks as a copy's blobs do.
+        if how == LINK and not verify_origin:
             units = _link_units(blobs)
         else:
             units = batch_blobs(blobs, self.options.parallel)
@@ -533,7 +535,7 @@ class _Placer:
             for donor, donor_blobs in by_donor.items():
                 jobs += [
                     _Job(mirror, donor, tuple(unit), LINK, verify_origin=True)
-                    for unit in _link_units(donor_blobs)
+                    for unit in batch_blobs(donor_blobs, self.options.parallel)
                 ]
 
         def submit(job: _Job):
@@ -557,8 +559,7 @@ class _Placer:
                         job.mirror.destination,
                         job.origin,
                     )
-            sizes = {blob.digest: blob.size or 0 for blob in job.blobs}
-            self.tracker.advance(len(result), sum(sizes.values()))
+            self.tracker.advance(len(result), sum(b.size or 0 for b in job.blobs))
 
         def fail(job: _Job, error: Exception) -> None:
             self.outcomes[job.mirror.relative].fail(error)

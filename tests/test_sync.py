@@ -483,9 +483,10 @@ def test_link_sync_keeps_files_of_a_damaged_donor_and_of_a_busy_image(
     skip_unless_hard_links(tmp_path)
 
     with storage.ImageLock(str(busy)):
-        with pytest.raises(SyncFailed) as caught:
-            sync_images(str(source), str(destination), link=True)
+        state = sync_images(str(source), str(destination), link=True, return_state=True)
 
+    with pytest.raises(SyncFailed) as caught:
+        state.result()
     outcomes = {image.image: image for image in caught.value.summary.images}
     assert outcomes["platforms/amd64"].status == "failed"
     assert "being written by another dirimage process" in (
@@ -500,6 +501,11 @@ def test_link_sync_keeps_files_of_a_damaged_donor_and_of_a_busy_image(
         assert not storage_link.same_file(
             str(destination / "base" / damaged), str(destination / relative / damaged)
         )
+    warnings = prefectapi.log_messages(
+        state.state_details.flow_run_id, logging.WARNING, "Not linking"
+    )
+    refused = [message for message in warnings if "Not linking" in message]
+    assert len(refused) == 2 and all(f"sha256:{damaged}" in m for m in refused)
     # The other layer base shares is intact, so it is linked.
     for digest in shared_with_base - {damaged}:
         assert storage_link.same_file(
