@@ -716,3 +716,55 @@ def test_empty_paths_are_refused_before_a_run(flow_name, parameters, prefect_api
         validate(parameters, schema, raise_on_error=True, ignore_required=True)
     with pytest.raises(ParameterTypeError):
         flow.validate_parameters(parameters)
+
+
+HELLO = Path(__file__).parent / "data" / "hello"
+
+
+def test_share_blob_links_only_to_a_donor_that_hashes_to_its_digest(tmp_path):
+    donor, target, damaged = (
+        Path(shutil.copytree(HELLO, tmp_path / name))
+        for name in ("donor", "target", "damaged")
+    )
+    skip_unless_hard_links(tmp_path)
+    name = max(blob_digests(HELLO), key=lambda d: (HELLO / d).stat().st_size)
+    digest, size = f"sha256:{name}", (HELLO / name).stat().st_size
+    (damaged / name).write_bytes(b"x" * size)
+
+    refused = storage_link.share_blob(str(damaged), str(target), digest, size)
+    linked = storage_link.share_blob(str(donor), str(target), digest, size)
+    shared_inode = storage_link.same_file(str(donor / name), str(target / name))
+    again = storage_link.share_blob(str(donor), str(target), digest, size)
+    (target / name).unlink()
+    missing = storage_link.share_blob(str(donor), str(target), digest, size)
+
+    assert refused.action == storage_link.DAMAGED_DONOR
+    assert (linked.action, linked.size) == (storage_link.LINKED, size)
+    assert shared_inode
+    assert again.action == "reused"
+    assert missing.action == storage_link.KEPT
+    assert not (target / name).exists(), "a blob the image lacks was added"
+    assert (damaged / name).read_bytes() == b"x" * size
+    # No temporary file is left behind.
+    assert sorted(os.listdir(target)) == sorted(set(os.listdir(HELLO)) - {name})
+
+
+def test_copy_blob_locally_falls_back_to_the_source(tmp_path):
+    holder = Path(shutil.copytree(HELLO, tmp_path / "holder"))
+    name = max(blob_digests(HELLO), key=lambda d: (HELLO / d).stat().st_size)
+    digest, size = f"sha256:{name}", (HELLO / name).stat().st_size
+
+    local = storage_link.copy_blob_locally(
+        str(holder), str(tmp_path / "first"), digest, size, fallback_source=str(HELLO)
+    )
+    (holder / name).write_bytes(b"x" * size)
+    fallback = storage_link.copy_blob_locally(
+        str(holder), str(tmp_path / "second"), digest, size, fallback_source=str(HELLO)
+    )
+
+    assert local.action == storage_link.COPIED_LOCALLY
+    assert fallback.action == "copied"
+    for folder in ("first", "second"):
+        assert (tmp_path / folder / name).read_bytes() == (HELLO / name).read_bytes()
+    with pytest.raises(storage.DigestMismatch):
+        storage_link.copy_blob_locally(str(holder), str(tmp_path / "third"), digest)
