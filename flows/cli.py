@@ -13,7 +13,7 @@ import os
 import sys
 
 import storage
-from flows import runners, temporary_server
+from flows import parameters, runners, temporary_server
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MIB = 1024 * 1024
@@ -134,18 +134,25 @@ def _positive(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, found {value}")
-    return value
+def _bounded(convert, bounds: parameters.Bounds):
+    """An argparse type: `convert(text)`, refused outside the flows' `bounds`."""
+
+    def check(text: str):
+        value = convert(text)
+        if not bounds.low <= value <= bounds.high:
+            raise argparse.ArgumentTypeError(
+                f"must be from {bounds.low} to {bounds.high}, found {text}"
+            )
+        return value
+
+    # argparse names the type in its message for text that does not convert.
+    check.__name__ = convert.__name__
+    return check
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, found {value}")
-    return value
+_parallel = _bounded(int, parameters.PARALLEL)
+_retries = _bounded(int, parameters.RETRIES)
+_seconds = _bounded(float, parameters.SECONDS)
 
 
 def _positive_float(text: str) -> float:
@@ -227,7 +234,9 @@ def run_verify(args) -> int:
     whole_tree = _holds_images_below(_strip_dir(args.image))
     try:
         if whole_tree:
-            reports = verify_images(args.image, parallel=args.parallel)
+            reports = verify_images(
+                args.image, parallel=args.parallel, runner=args.runner
+            )
         else:
             image = verify_image(args.image, parallel=args.parallel, runner=args.runner)
             reports = [image]
@@ -351,8 +360,15 @@ def _param(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that reports a usage error in one line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"dirimage: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dirimage",
         description="Copy, verify and inspect container images in dir: folders.",
     )
@@ -365,11 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     copy = commands.add_parser("copy", help="copy an image between two folders")
     copy.add_argument("source", metavar="SRC")
     copy.add_argument("destination", metavar="DST")
-    copy.add_argument("--parallel", type=_positive, default=8, metavar="N")
-    copy.add_argument("--retries", type=_non_negative_int, default=3, metavar="N")
-    copy.add_argument(
-        "--retry-delay", type=_non_negative_float, default=1.0, metavar="S"
-    )
+    copy.add_argument("--parallel", type=_parallel, default=8, metavar="N")
+    copy.add_argument("--retries", type=_retries, default=3, metavar="N")
+    copy.add_argument("--retry-delay", type=_seconds, default=1.0, metavar="S")
     copy.add_argument("--remove-signatures", action="store_true")
     copy.add_argument("--platform", type=_platform, metavar="OS/ARCH[/VARIANT]")
     copy.add_argument(
@@ -385,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check every blob of an image")
     verify.add_argument("image", metavar="DIR")
-    verify.add_argument("--parallel", type=_positive, default=8, metavar="N")
+    verify.add_argument("--parallel", type=_parallel, default=8, metavar="N")
     verify.add_argument(
         "--runner",
         type=_runner,
@@ -408,11 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("source", metavar="SRC")
     sync.add_argument("destination", metavar="DST")
-    sync.add_argument("--parallel", type=_positive, default=8, metavar="N")
-    sync.add_argument("--retries", type=_non_negative_int, default=3, metavar="N")
-    sync.add_argument(
-        "--retry-delay", type=_non_negative_float, default=1.0, metavar="S"
-    )
+    sync.add_argument("--parallel", type=_parallel, default=8, metavar="N")
+    sync.add_argument("--retries", type=_retries, default=3, metavar="N")
+    sync.add_argument("--retry-delay", type=_seconds, default=1.0, metavar="S")
     sync.add_argument(
         "--prune", action="store_true", help="delete images gone from SRC in DST"
     )
@@ -444,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("image", metavar="DIR")
     delete.add_argument(
         "--wait",
-        type=_non_negative_float,
+        type=_seconds,
         default=0.0,
         metavar="S",
         help="seconds to wait for a copy into DIR to finish",

@@ -15,6 +15,7 @@ import storage
 import tasks
 from flows import runners
 from flows.bounded import run_bounded
+from flows.parameters import FolderPath, Jitter, Parallel, Retries, Runner, Seconds
 from flows.progress import ProgressTracker
 from storage.manifest import BlobRef
 from storage.transfer import COPIED, REUSED, BlobTransfer
@@ -216,18 +217,10 @@ def copy_blobs_bounded(
     return transfers
 
 
-ImagePath = Annotated[str, Field(min_length=1)]
-Parallel = Annotated[int, Field(ge=1, le=256)]
-Retries = Annotated[int, Field(ge=0, le=50)]
-Seconds = Annotated[float, Field(ge=0, le=3600)]
-Jitter = Annotated[float, Field(ge=0, le=1)]
-Runner = Annotated[str, Field(pattern=runners.RUNNER_PATTERN)]
-
-
 @flow(name="copy-image", persist_result=False)
 def copy_image(
-    source: ImagePath,
-    destination: ImagePath,
+    source: FolderPath,
+    destination: FolderPath,
     parallel: Parallel = 8,
     retries: Retries = 3,
     retry_delay: Seconds = 1.0,
@@ -386,7 +379,7 @@ def blob_bytes(path: str, blobs: tuple[BlobRef, ...]) -> int:
 
 @flow(name="verify-image", persist_result=False)
 def verify_image(
-    path: ImagePath, parallel: Parallel = 8, runner: Runner = runners.THREAD
+    path: FolderPath, parallel: Parallel = 8, runner: Runner = runners.THREAD
 ) -> VerifyReport:
     """Hash every blob of an image in parallel and report what is missing or corrupt.
 

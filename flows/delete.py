@@ -1,19 +1,15 @@
 """The delete_image flow."""
 
-from typing import Annotated
-
 from prefect import flow, get_run_logger
-from pydantic import Field
 
 from flows.copy import image_path
+from flows.parameters import FolderPath, Seconds
 from storage.delete import DeleteResult
 from tasks import tree as tree_tasks
 
 
 @flow(name="delete-image", persist_result=False)
-def delete_image(
-    path: str, wait: Annotated[float, Field(ge=0, le=3600)] = 0.0
-) -> DeleteResult:
+def delete_image(path: FolderPath, wait: Seconds = 0.0) -> DeleteResult:
     """Delete the image in a dir: folder: its layout files, then the empty folder.
 
     Files that are not part of the layout stay where they are, with a warning, and

@@ -4,10 +4,13 @@ verify_images flow: check every image under a root.
 One flow run covers the whole tree (a flow run costs about a second, a task tens
 of milliseconds). The blobs of all images are planned together, so a blob that
 several images share is read from the source once: it is copied into the first
-image that needs it, and the others get it from there.
+image that needs it, and the others get it from there. Images are locked and
+committed in groups, so the number of images is not bounded by the number of
+files a process may have open.
 """
 
 import os
+import resource
 import time
 from collections import defaultdict
 from contextlib import ExitStack
@@ -24,11 +27,6 @@ from flows.copy import (
     MAX_BATCH_BLOBS,
     MIB,
     ImageCorrupt,
-    Jitter,
-    Parallel,
-    Retries,
-    Runner,
-    Seconds,
     VerifyReport,
     _copy_task,
     batch_blobs,
@@ -36,13 +34,18 @@ from flows.copy import (
     commit_image,
     image_path,
 )
+from flows.parameters import FolderPath, Jitter, Parallel, Retries, Runner, Seconds
 from flows.progress import ProgressTracker
+from storage.layout import blob_path
+from storage.link import COPIED_LOCALLY, DAMAGED_DONOR, LINKED, same_file
 from storage.manifest import BlobRef
 from storage.transfer import COPIED, REUSED, BlobTransfer
 from storage.tree import MirrorPlan
 from tasks import tree as tree_tasks
 
 COPIED_IMAGE, SKIPPED, FAILED, PRUNED = "copied", "skipped", "failed", "pruned"
+# Locks held at once at most, however high the descriptor limit.
+MAX_LOCKED_IMAGES = 256
 
 
 @dataclass
@@ -68,15 +71,16 @@ class ImageOutcome:
     error: str | None = None
     left_files: list[str] = field(default_factory=list)
 
-    def add(self, transfer: BlobTransfer, from_source: bool) -> None:
+    def add(self, transfer: BlobTransfer) -> None:
+        """Count one placed blob: `copied` ones were read from the image's source."""
         self.seconds += transfer.seconds
         if transfer.action == REUSED:
             self.blobs_reused += 1
             self.bytes_reused += transfer.size
-        elif transfer.action == COPIED and from_source:
+        elif transfer.action == COPIED:
             self.blobs_from_source += 1
             self.bytes_from_source += transfer.size
-        elif transfer.action != "absent":
+        elif transfer.action in (LINKED, COPIED_LOCALLY):
             self.blobs_shared += 1
             self.bytes_shared += transfer.size
 
@@ -149,8 +153,8 @@ def _below(root: str, relative: str) -> str:
 
 @flow(name="sync-images", persist_result=False)
 def sync_images(
-    source_root: str,
-    destination_root: str,
+    source_root: FolderPath,
+    destination_root: FolderPath,
     parallel: Parallel = 8,
     retries: Retries = 3,
     retry_delay: Seconds = 1.0,
@@ -162,10 +166,11 @@ def sync_images(
     """Mirror every image folder under one root to the same path under another.
 
     An image the destination already holds unchanged (same manifests and
-    signatures, every blob present at its size) is skipped without writing
-    anything. The others are copied together: each blob is read from the source
-    once, however many images share it, and every image is committed as
-    `copy_image` commits it. One image failing does not stop the others.
+    signatures, every blob present at its size) is skipped: nothing of it is
+    written, except that `link` may replace its blob files by links. The others
+    are copied together: each blob is read from the source once, however many
+    images share it, and every image is committed as `copy_image` commits it.
+    One image failing does not stop the others.
 
     Args:
         source_root: Folder holding the images, at any depth (`dir:` accepted).
@@ -176,8 +181,10 @@ def sync_images(
         retry_jitter: Random spread of retry delays, as a fraction of the delay.
         prune: Delete images under the destination root that the source root no
             longer has (only their layout files; anything else stays).
-        link: Let identical blobs of different destination images share storage:
-            a reflink where the filesystem supports it, else a hard link.
+        link: Let identical blobs of the mirrored images share storage, changed
+            images and unchanged ones alike: a reflink where the filesystem
+            supports it, else a hard link. A file is linked to only once it
+            hashes to its digest.
         runner: Where the blob copies and links run, as for `copy_image`.
 
     Returns:
@@ -208,22 +215,29 @@ def sync_images(
             outcomes[mirror.relative].status = SKIPPED
     changed = [mirror for mirror in mirrors if not mirror.current]
     skipped = [mirror for mirror in mirrors if mirror.current]
-    options = (parallel, retries, retry_delay, retry_jitter)
 
-    with ExitStack() as locks:
-        ready = _lock_destinations(changed, locks, outcomes)
-        task_runner = locks.enter_context(runners.opened_runner(runner))
-        _place_blobs(ready, skipped, outcomes, link, options, task_runner)
-        for mirror in ready:
-            outcome = outcomes[mirror.relative]
-            if outcome.status == FAILED:
-                continue
-            commit_started = time.perf_counter()
-            try:
-                commit_image(mirror.source, mirror.destination, mirror.plan)
-            except Exception as error:
-                outcome.fail(error)
-            outcome.seconds += time.perf_counter() - commit_started
+    donors: dict[str, str] = {}
+    if link:
+        for mirror in skipped:
+            for blob in mirror.plan.blobs:
+                donors.setdefault(blob.digest, mirror.destination)
+    shares = _shares(skipped, donors)
+    total_bytes = sum(mirror.plan.total_bytes for mirror in changed)
+    total_bytes += sum(blob.size or 0 for _, blobs in shares for blob in blobs)
+    total_blobs = sum(len(mirror.plan.blobs) for mirror in changed)
+    total_blobs += sum(len(blobs) for _, blobs in shares)
+    images = len(changed) + len(shares)
+    tracker = ProgressTracker(
+        total_bytes, total_blobs, f"Syncing {total_blobs} blobs of {images} images"
+    )
+    options = _Options(parallel, retries, retry_delay, retry_jitter, link)
+
+    if images:
+        with runners.opened_runner(runner) as task_runner:
+            placer = _Placer(outcomes, options, task_runner, tracker, donors)
+            _in_locked_groups(changed, lambda mirror: mirror, outcomes, placer.place)
+            _in_locked_groups(shares, lambda share: share[0], outcomes, placer.share)
+    tracker.finish()
 
     if prune:
         if relatives:
@@ -249,6 +263,19 @@ def sync_images(
     return summary
 
 
+def lock_group_size() -> int:
+    """How many image folders a sync locks at once.
+
+    Each lock holds a file descriptor until its images are committed, so a sync
+    works through its images in groups of a quarter of the process's descriptor
+    limit, leaving the rest to Prefect and to the blob copies.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_LOCKED_IMAGES
+    return max(1, min(MAX_LOCKED_IMAGES, soft // 4))
+
+
 def _plan_mirrors(source_root, destination_root, relatives, parallel, outcomes):
     """Plan every image, bounded; a failure marks that image and the rest go on."""
     mirrors: list[MirrorPlan] = []
@@ -268,15 +295,48 @@ def _plan_mirrors(source_root, destination_root, relatives, parallel, outcomes):
     return sorted(mirrors, key=lambda mirror: mirror.relative)
 
 
-def _lock_destinations(changed, locks: ExitStack, outcomes) -> list[MirrorPlan]:
-    """Open and lock each changed image's destination; returns those that could be.
+def _shares(skipped, donors: dict[str, str]) -> list[tuple[MirrorPlan, list[BlobRef]]]:
+    """The unchanged images with blobs to link to another image's file (`donors`).
 
-    TODO: Every lock holds a file descriptor until the commits are done, so a
-    sync of more changed images than the descriptor limit (often 1024) fails the
-    images beyond it; locking in groups would lift that.
+    Blobs already sharing the donor's inode are left out, so a sync that finds
+    nothing to link locks nothing and writes nothing.
     """
+    shares = []
+    for mirror in skipped:
+        blobs = []
+        for blob in mirror.plan.blobs:
+            donor = donors.get(blob.digest, mirror.destination)
+            if donor == mirror.destination:
+                continue
+            digest = storage.parse_digest(blob.digest)
+            if not same_file(
+                blob_path(donor, digest), blob_path(mirror.destination, digest)
+            ):
+                blobs.append(blob)
+        if blobs:
+            shares.append((mirror, blobs))
+    return shares
+
+
+def _in_locked_groups(items: list, mirror_of, outcomes, work) -> None:
+    """Call `work(group)` on groups of `items` while their images are locked.
+
+    `mirror_of(item)` is the item's image. An image that cannot be locked is
+    marked failed and left out of its group.
+    """
+    size = lock_group_size()
+    for start in range(0, len(items), size):
+        group = items[start : start + size]
+        with ExitStack() as locks:
+            mirrors = [mirror_of(item) for item in group]
+            locked = {m.relative for m in _lock_destinations(mirrors, locks, outcomes)}
+            work([item for item in group if mirror_of(item).relative in locked])
+
+
+def _lock_destinations(mirrors, locks: ExitStack, outcomes) -> list[MirrorPlan]:
+    """Open and lock each image's destination; returns those that could be."""
     ready = []
-    for mirror in changed:
+    for mirror in mirrors:
         try:
             storage.DirImageDestination(mirror.destination)
             locks.enter_context(storage.ImageLock(mirror.destination))
@@ -288,20 +348,33 @@ def _lock_destinations(changed, locks: ExitStack, outcomes) -> list[MirrorPlan]:
 
 
 @dataclass(frozen=True)
+class _Options:
+    parallel: int
+    retries: int
+    retry_delay: float
+    retry_jitter: float
+    link: bool
+
+
+# How a job places its blobs: copied from the image's own source (with retries),
+# linked to another image's file, or copied from another image's file.
+FROM_SOURCE, LINK, LOCAL_COPY = "source", "link", "local"
+
+
+@dataclass(frozen=True)
 class _Job:
     """Blobs to place in image `mirror`, read from folder `origin`.
 
-    `origin` is the image's own source when `from_source`; otherwise the
-    destination folder of another image holding the blobs, to link (`link`,
-    hashing the donor's files first with `verify_donor`) or to copy locally.
+    `origin` is the image's own source for `FROM_SOURCE` jobs, otherwise the
+    destination folder of another image holding the blobs; `verify_origin` asks
+    for its files to be hashed before they are linked to.
     """
 
     mirror: MirrorPlan
     origin: str
     blobs: tuple[BlobRef, ...]
-    from_source: bool
-    link: bool = False
-    verify_donor: bool = False
+    how: str
+    verify_origin: bool = False
 
 
 def _link_units(blobs: list[BlobRef]) -> list[list[BlobRef]]:
@@ -311,129 +384,190 @@ def _link_units(blobs: list[BlobRef]) -> list[list[BlobRef]]:
     ]
 
 
-def _place_blobs(ready, skipped, outcomes, link: bool, options, task_runner) -> None:
-    """Put every blob of the `ready` images in place, each read from the source once.
+class _Placer:
+    """Places the blobs of a sync's images, group after group of locked images.
 
-    First the blobs each image is the first to need: from its source, or with
-    `link` from an unchanged image of the destination that holds them (hashed
-    before it is linked to). Then the blobs an earlier image already holds: a
-    link to that image's file, or a local copy of it. Whenever the image to take
-    a blob from lacks it, the blob is read from the image's own source instead.
+    `donors` maps a digest to an image folder outside the group at work that
+    holds the blob: an unchanged image (with `link`), or an image an earlier
+    group committed. Their files are checked before use: hashed before they are
+    linked to, hashed while they are copied.
     """
-    parallel = options[0]
-    donors = {}
-    if link:
-        for mirror in skipped:
+
+    def __init__(self, outcomes, options: _Options, task_runner, tracker, donors):
+        self.outcomes = outcomes
+        self.options = options
+        self.task_runner = task_runner
+        self.tracker = tracker
+        self.donors = donors
+
+    def place(self, ready: list[MirrorPlan]) -> None:
+        """Put every blob of the `ready` images in place, then commit each.
+
+        First the blobs each image is the first of the group to need: from a
+        donor, else from its own source. Then the blobs an earlier image of the
+        group already holds: a link to that image's file, or a local copy of it.
+        Whenever the image to take a blob from lacks it, the blob is read from
+        the image's own source instead.
+        """
+        first_holder: dict[str, MirrorPlan] = {}
+        first_jobs: list[_Job] = []
+        from_holder: dict[str, list[BlobRef]] = defaultdict(list)
+        for mirror in ready:
+            from_source: list[BlobRef] = []
+            from_donor: dict[str, list[BlobRef]] = defaultdict(list)
             for blob in mirror.plan.blobs:
-                donors.setdefault(blob.digest, mirror.destination)
+                if blob.digest in first_holder:
+                    from_holder[mirror.relative].append(blob)
+                    continue
+                first_holder[blob.digest] = mirror
+                if blob.digest in self.donors:
+                    from_donor[self.donors[blob.digest]].append(blob)
+                else:
+                    from_source.append(blob)
+            first_jobs += self._jobs(mirror, mirror.source, from_source)
+            for donor, blobs in from_donor.items():
+                first_jobs += self._jobs(mirror, donor, blobs, verify_origin=True)
+        placed: set[tuple[str, str]] = set()
+        self._run(first_jobs, placed)
 
-    first_holder: dict[str, MirrorPlan] = {}
-    first_jobs: list[_Job] = []
-    from_holder: dict[str, list[BlobRef]] = defaultdict(list)
-    for mirror in ready:
-        from_source: list[BlobRef] = []
-        from_donor: dict[str, list[BlobRef]] = defaultdict(list)
-        for blob in mirror.plan.blobs:
-            if blob.digest in first_holder:
-                from_holder[mirror.relative].append(blob)
-                continue
-            first_holder[blob.digest] = mirror
-            if blob.digest in donors:
-                from_donor[donors[blob.digest]].append(blob)
-            else:
-                from_source.append(blob)
-        first_jobs += [
-            _Job(mirror, mirror.source, tuple(unit), from_source=True)
-            for unit in batch_blobs(from_source, parallel)
-        ]
-        first_jobs += [
-            _Job(mirror, donor, tuple(unit), False, link=True, verify_donor=True)
-            for donor, blobs in from_donor.items()
-            for unit in _link_units(blobs)
-        ]
+        second_jobs = []
+        for mirror in ready:
+            by_origin: dict[str, list[BlobRef]] = defaultdict(list)
+            for blob in from_holder[mirror.relative]:
+                holder = first_holder[blob.digest]
+                if (holder.relative, blob.digest) in placed:
+                    by_origin[holder.destination].append(blob)
+                else:
+                    by_origin[mirror.source].append(blob)
+            for origin, blobs in by_origin.items():
+                second_jobs += self._jobs(mirror, origin, blobs)
+        self._run(second_jobs, placed)
+        for mirror in ready:
+            self._commit(mirror)
 
-    total = sum(mirror.plan.total_bytes for mirror in ready)
-    count = sum(len(mirror.plan.blobs) for mirror in ready)
-    tracker = ProgressTracker(
-        total, count, f"Syncing {count} blobs of {len(ready)} images"
-    )
-    placed: set[tuple[str, str]] = set()
-    _run_jobs(first_jobs, outcomes, tracker, placed, options, task_runner)
+    def _jobs(self, mirror, origin: str, blobs, verify_origin=False) -> list[_Job]:
+        if origin == mirror.source:
+            how = FROM_SOURCE
+        else:
+            how = LINK if self.options.link else LOCAL_COPY
+        # Links are cheap and travel in large batches; copies and hashing spread
+        # over tasks as a copy's blobs do.
+        if how == LINK and not verify_origin:
+            units = _link_units(blobs)
+        else:
+            units = batch_blobs(blobs, self.options.parallel)
+        return [_Job(mirror, origin, tuple(unit), how, verify_origin) for unit in units]
 
-    second_jobs = []
-    for mirror in ready:
-        by_origin: dict[str, list[BlobRef]] = defaultdict(list)
-        for blob in from_holder[mirror.relative]:
-            holder = first_holder[blob.digest]
-            if (holder.relative, blob.digest) in placed:
-                by_origin[holder.destination].append(blob)
-            else:
-                by_origin[mirror.source].append(blob)
-        for origin, blobs in by_origin.items():
-            own_source = origin == mirror.source
-            if link and not own_source:
-                second_jobs += [
-                    _Job(mirror, origin, tuple(unit), False, link=True)
-                    for unit in _link_units(blobs)
+    def _commit(self, mirror: MirrorPlan) -> None:
+        """Commit an image whose blobs are in place; it becomes a donor."""
+        outcome = self.outcomes[mirror.relative]
+        if outcome.status == FAILED:
+            return
+        started = time.perf_counter()
+        try:
+            commit_image(mirror.source, mirror.destination, mirror.plan)
+        except Exception as error:
+            outcome.fail(error)
+        else:
+            for blob in mirror.plan.blobs:
+                self.donors.setdefault(blob.digest, mirror.destination)
+        outcome.seconds += time.perf_counter() - started
+
+    def _run(self, jobs: list[_Job], placed: set[tuple[str, str]]) -> None:
+        options = self.options
+        copy_task = {
+            single: _copy_task(
+                options.retries, options.retry_delay, options.retry_jitter, single
+            )
+            for single in (True, False)
+        }
+
+        def submit(job: _Job):
+            common = {"destination": job.mirror.destination, "blobs": list(job.blobs)}
+            if job.how == LINK:
+                return self._submit(
+                    tree_tasks.link_blobs,
+                    donor=job.origin,
+                    verify_donor=job.verify_origin,
+                    fallback_source=job.mirror.source,
+                    **common,
+                )
+            if job.how == LOCAL_COPY:
+                return self._submit(
+                    tree_tasks.copy_blobs_locally,
+                    holder=job.origin,
+                    fallback_source=job.mirror.source,
+                    **common,
+                )
+            if len(job.blobs) == 1:
+                blob = job.blobs[0]
+                return self._submit(
+                    copy_task[True],
+                    source=job.origin,
+                    destination=job.mirror.destination,
+                    digest=blob.digest,
+                    size=blob.size,
+                    optional=blob.optional,
+                )
+            return self._submit(copy_task[False], source=job.origin, **common)
+
+        def record(job: _Job, result) -> None:
+            done = [result] if isinstance(result, BlobTransfer) else list(result)
+            outcome = self.outcomes[job.mirror.relative]
+            for transfer in done:
+                outcome.add(transfer)
+                placed.add((job.mirror.relative, transfer.digest))
+            self.tracker.advance(len(done), sum(transfer.size for transfer in done))
+
+        def fail(job: _Job, error: Exception) -> None:
+            self.outcomes[job.mirror.relative].fail(error)
+
+        run_bounded(jobs, submit, options.parallel, record, fail)
+
+    def share(self, shares: list[tuple[MirrorPlan, list[BlobRef]]]) -> None:
+        """Link blob files of unchanged images to the donors' files."""
+        logger = get_run_logger()
+        jobs = []
+        for mirror, blobs in shares:
+            by_donor: dict[str, list[BlobRef]] = defaultdict(list)
+            for blob in blobs:
+                by_donor[self.donors[blob.digest]].append(blob)
+            for donor, donor_blobs in by_donor.items():
+                jobs += [
+                    _Job(mirror, donor, tuple(unit), LINK, verify_origin=True)
+                    for unit in batch_blobs(donor_blobs, self.options.parallel)
                 ]
-            else:
-                second_jobs += [
-                    _Job(mirror, origin, tuple(unit), own_source)
-                    for unit in batch_blobs(blobs, parallel)
-                ]
-    _run_jobs(second_jobs, outcomes, tracker, placed, options, task_runner)
-    tracker.finish()
 
-
-def _run_jobs(jobs, outcomes, tracker, placed, options, task_runner) -> None:
-    parallel, retries, retry_delay, retry_jitter = options
-    single_task = _copy_task(retries, retry_delay, retry_jitter, single=True)
-    batch_task = _copy_task(retries, retry_delay, retry_jitter, single=False)
-
-    def submit(job: _Job):
-        destination = job.mirror.destination
-        if job.link:
-            return runners.submit(
-                task_runner,
-                tree_tasks.link_blobs,
+        def submit(job: _Job):
+            return self._submit(
+                tree_tasks.share_blobs,
                 donor=job.origin,
-                destination=destination,
+                destination=job.mirror.destination,
                 blobs=list(job.blobs),
-                verify_donor=job.verify_donor,
-                fallback_source=job.mirror.source,
             )
-        if len(job.blobs) == 1:
-            blob = job.blobs[0]
-            return runners.submit(
-                task_runner,
-                single_task,
-                source=job.origin,
-                destination=destination,
-                digest=blob.digest,
-                size=blob.size,
-                optional=blob.optional,
-            )
-        return runners.submit(
-            task_runner,
-            batch_task,
-            source=job.origin,
-            destination=destination,
-            blobs=list(job.blobs),
-        )
 
-    def record(job: _Job, result) -> None:
-        done = [result] if isinstance(result, BlobTransfer) else list(result)
-        outcome = outcomes[job.mirror.relative]
-        for transfer in done:
-            # A link task that found its donor lacking copied from the source.
-            outcome.add(transfer, job.from_source or job.link)
-            placed.add((job.mirror.relative, transfer.digest))
-        tracker.advance(len(done), sum(transfer.size for transfer in done))
+        def record(job: _Job, result: list[BlobTransfer]) -> None:
+            outcome = self.outcomes[job.mirror.relative]
+            for transfer in result:
+                if transfer.action == LINKED:
+                    outcome.add(transfer)
+                elif transfer.action == DAMAGED_DONOR:
+                    logger.warning(
+                        "Not linking blob %s of %s to %s: that file does not hash "
+                        "to its digest; dirimage verify tells which images hold it",
+                        transfer.digest,
+                        job.mirror.destination,
+                        job.origin,
+                    )
+            self.tracker.advance(len(result), sum(b.size or 0 for b in job.blobs))
 
-    def fail(job: _Job, error: Exception) -> None:
-        outcomes[job.mirror.relative].fail(error)
+        def fail(job: _Job, error: Exception) -> None:
+            self.outcomes[job.mirror.relative].fail(error)
 
-    run_bounded(jobs, submit, parallel, record, fail)
+        run_bounded(jobs, submit, self.options.parallel, record, fail)
+
+    def _submit(self, task, **parameters):
+        return runners.submit(self.task_runner, task, **parameters)
 
 
 def _prune(destination_root: str, keep: set[str], outcomes) -> None:
@@ -502,7 +636,9 @@ def _one_line(error: BaseException) -> str:
 
 
 @flow(name="verify-images", persist_result=False)
-def verify_images(root: str, parallel: Parallel = 8) -> list[VerifyReport]:
+def verify_images(
+    root: FolderPath, parallel: Parallel = 8, runner: Runner = runners.THREAD
+) -> list[VerifyReport]:
     """Hash every blob of every image under `root` and report what is damaged.
 
     The blobs of all images share one bounded pool of tasks.
@@ -510,6 +646,7 @@ def verify_images(root: str, parallel: Parallel = 8) -> list[VerifyReport]:
     Args:
         root: Folder holding images at any depth (`dir:` accepted).
         parallel: How many blob batches may be hashed at once.
+        runner: Where the hashing runs, as for `copy_image`.
 
     Returns:
         One report per image, sorted by path.
@@ -522,6 +659,7 @@ def verify_images(root: str, parallel: Parallel = 8) -> list[VerifyReport]:
     logger = get_run_logger()
     started = time.perf_counter()
     root = image_path(root)
+    runners.check_runner(runner)
     relatives = tree_tasks.find_images(root)
     if not relatives:
         raise storage.NotAnImage(f"{root} holds no dir: images")
@@ -543,17 +681,22 @@ def verify_images(root: str, parallel: Parallel = 8) -> list[VerifyReport]:
         for unit in batch_blobs(list(plan.blobs), parallel)
     ]
 
-    def submit(item):
-        relative, unit = item
-        return tasks.verify_blobs.submit(_below(root, relative), unit)
-
     def record(item, result: list[str | None]) -> None:
         problems[item[0]].extend(problem for problem in result if problem)
 
     def fail(item, error: Exception) -> None:
         problems[item[0]].append(_one_line(error))
 
-    run_bounded(units, submit, parallel, record, fail)
+    with runners.opened_runner(runner) as task_runner:
+
+        def submit(item):
+            relative, unit = item
+            path = _below(root, relative)
+            return runners.submit(
+                task_runner, tasks.verify_blobs, path=path, blobs=unit
+            )
+
+        run_bounded(units, submit, parallel, record, fail)
     seconds = round(time.perf_counter() - started, 3)
     reports = []
     for relative in relatives:

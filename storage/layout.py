@@ -90,10 +90,14 @@ def signature_path(root: str, number: int, instance: Digest | None = None) -> st
 # Exactly the stems digest_stem produces: bare hex for sha256, algorithm-hex of the
 # algorithm's own length otherwise. Anything looser would let remove_unused delete a
 # foreign file such as `sha512-abc`.
-_STEM = "(?:" + "|".join(
-    "[0-9a-f]{64}" if algorithm == "sha256" else f"{algorithm}-[0-9a-f]{{{length}}}"
-    for algorithm, length in HEX_LENGTHS.items()
-) + ")"
+_STEM = (
+    "(?:"
+    + "|".join(
+        "[0-9a-f]{64}" if algorithm == "sha256" else f"{algorithm}-[0-9a-f]{{{length}}}"
+        for algorithm, length in HEX_LENGTHS.items()
+    )
+    + ")"
+)
 _LAYOUT_NAMES = [
     ("version", re.compile(re.escape(VERSION_FILE))),
     ("manifest", re.compile(re.escape(MANIFEST_FILE))),

@@ -18,8 +18,8 @@ import time
 from storage import layout
 from storage.destination import DirImageDestination
 from storage.digest import parse_digest
-from storage.errors import BlobNotFound
-from storage.transfer import BlobTransfer, _worker_name, transfer_blob
+from storage.errors import BlobNotFound, DigestMismatch, SizeMismatch, UnsafePath
+from storage.transfer import COPIED, BlobTransfer, _worker_name, transfer_blob
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ REFLINK = "reflink"
 HARDLINK = "hardlink"
 LINKED = "linked"
 COPIED_LOCALLY = "copied-locally"
+KEPT = "kept"
+DAMAGED_DONOR = "donor-damaged"
 
 # Errors that mean "this filesystem, or this pair of folders, cannot share".
 _CANNOT_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL}
@@ -143,3 +145,81 @@ def link_blob(
     length = os.path.getsize(target_path)
     seconds = time.perf_counter() - clock
     return BlobTransfer(str(parsed), length, action, started, seconds, _worker_name())
+
+
+def copy_blob_locally(
+    holder: str,
+    destination: str,
+    digest: str,
+    size: int | None = None,
+    optional: bool = False,
+    fallback_source: str | None = None,
+) -> BlobTransfer:
+    """Copy blob `digest` into image folder `destination` from image folder `holder`.
+
+    The copy is hashed as it streams, as every copy is, so a damaged file of the
+    holder is never placed; it is `copied-locally`. When the holder lacks the blob
+    or holds wrong bytes, the blob is copied from image folder `fallback_source`
+    (`copied`), or the error is raised when there is none.
+    """
+    try:
+        copied = transfer_blob(holder, destination, digest, size, optional)
+    except (BlobNotFound, DigestMismatch, SizeMismatch, UnsafePath) as error:
+        if fallback_source is None:
+            raise
+        log.debug(
+            "cannot copy %s from %s (%s); reading the source", digest, holder, error
+        )
+        return transfer_blob(fallback_source, destination, digest, size, optional)
+    if copied.action != COPIED:
+        return copied
+    return dataclasses.replace(copied, action=COPIED_LOCALLY)
+
+
+def share_blob(
+    donor: str, destination: str, digest: str, size: int | None = None
+) -> BlobTransfer:
+    """Make the file of blob `digest` in image folder `destination` the donor's.
+
+    For images that already hold the blob: nothing new is placed. When the two
+    files are already one inode, nothing is read (`reused`). Otherwise the
+    donor's file is hashed, and only when it matches `digest` and `size` does a
+    link to it replace the destination's file, atomically (`linked`). A donor
+    file that does not match is left alone, and so is the destination's file
+    (`donor-damaged`); so is a destination that no longer has the blob, or a
+    pair of folders that cannot share storage (`kept`). The caller holds the
+    destination's lock.
+    """
+    parsed = parse_digest(digest)
+    started, clock = time.time(), time.perf_counter()
+    target = DirImageDestination(destination)
+    donor_image = DirImageDestination(donor)
+    donor_path = donor_image.blob_path(parsed)
+    target_path = target.blob_path(parsed)
+
+    def outcome(action: str, length: int = 0) -> BlobTransfer:
+        seconds = time.perf_counter() - clock
+        return BlobTransfer(
+            str(parsed), length, action, started, seconds, _worker_name()
+        )
+
+    if not os.path.lexists(target_path):
+        return outcome(KEPT)
+    if same_file(donor_path, target_path):
+        return outcome("reused", os.path.getsize(target_path))
+    if not donor_image.has_blob(parsed, size):
+        log.debug(
+            "not linking %s to %s: it does not hash to its name",
+            target_path,
+            donor_path,
+        )
+        return outcome(DAMAGED_DONOR)
+    try:
+        method = link_file(donor_path, target_path)
+    except OSError as error:
+        if error.errno not in _CANNOT_LINK:
+            raise
+        log.debug("cannot link %s (%s); keeping it", target_path, error)
+        return outcome(KEPT, os.path.getsize(target_path))
+    log.debug("%s %s to %s", method, donor_path, target_path)
+    return outcome(LINKED, os.path.getsize(target_path))

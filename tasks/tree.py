@@ -1,4 +1,4 @@
-"""Prefect tasks over trees of images: find, plan a mirror, link, delete.
+"""Prefect tasks over trees of images: find, plan a mirror, link, share, delete.
 
 Thin like the tasks of `tasks.image`: plain arguments in, one storage call, a
 plain picklable result out.
@@ -9,7 +9,9 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.delete import DeleteResult
 from storage.delete import delete_image as storage_delete_image
+from storage.link import copy_blob_locally as storage_copy_blob_locally
 from storage.link import link_blob as storage_link_blob
+from storage.link import share_blob as storage_share_blob
 from storage.manifest import BlobRef
 from storage.transfer import BlobTransfer
 from storage.tree import MirrorPlan
@@ -91,6 +93,69 @@ def link_blobs(
         )
         for b in blobs
     ]
+
+
+@task(
+    name="copy_blobs_locally",
+    task_run_name="copy_blobs_locally-{blobs[0].digest:.19}+",
+    **_SETTINGS,
+)
+def copy_blobs_locally(
+    holder: str,
+    destination: str,
+    blobs: list[BlobRef],
+    fallback_source: str | None = None,
+) -> list[BlobTransfer]:
+    """Copy blobs into `destination` from image folder `holder`, which has them.
+
+    Args:
+        holder: Image folder of the destination tree holding the blobs.
+        destination: Image folder to place them in.
+        blobs: The blobs to place.
+        fallback_source: Image folder to copy a blob from when the holder lacks
+            it or holds wrong bytes.
+
+    Returns:
+        One transfer per blob: copied locally, copied from the fallback, or
+        reused (already in place and intact).
+
+    Raises:
+        storage.BlobNotFound: The holder lacks a blob and there is no fallback.
+    """
+    get_run_logger().info(
+        "Copying %d blobs from %s into %s", len(blobs), holder, destination
+    )
+    return [
+        storage_copy_blob_locally(
+            holder, destination, b.digest, b.size, b.optional, fallback_source
+        )
+        for b in blobs
+    ]
+
+
+@task(
+    name="share_blobs", task_run_name="share_blobs-{blobs[0].digest:.19}+", **_SETTINGS
+)
+def share_blobs(
+    donor: str, destination: str, blobs: list[BlobRef]
+) -> list[BlobTransfer]:
+    """Replace blob files of `destination` by links to the donor's, once hashed.
+
+    For an image that already holds the blobs; the caller holds its lock.
+
+    Args:
+        donor: Image folder whose files the others should share.
+        destination: Image folder whose files are replaced.
+        blobs: The blobs to share.
+
+    Returns:
+        One transfer per blob: linked, reused (already one file), kept, or
+        donor-damaged (the donor's file did not hash to its digest).
+    """
+    get_run_logger().info(
+        "Sharing %d blobs of %s with %s", len(blobs), destination, donor
+    )
+    return [storage_share_blob(donor, destination, b.digest, b.size) for b in blobs]
 
 
 @task(name="delete_image", **_SETTINGS)

@@ -1,8 +1,9 @@
 """`dirimage copy` and `dirimage verify` as a user runs them.
 
-Each run is a real process on Prefect's embedded default: no PREFECT_API_URL, so
-Prefect starts its own temporary server, which costs 10 to 20 s a run. The runs
-are therefore few, and each checks as much as it can.
+Most runs are real processes on Prefect's embedded default: no PREFECT_API_URL,
+so Prefect starts its own temporary server, which costs 10 to 20 s a run. The
+runs are therefore few, and each checks as much as it can. Runs whose flow
+parameters are read back from the API talk to the session's Prefect API instead.
 """
 
 import json
@@ -10,6 +11,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -131,16 +133,174 @@ def test_failed_copy_prints_one_line(fresh_image, embedded_env, tmp_path):
         ["copy", "a", "b", "--platform", "linux"],
         ["copy", "a", "b", "--retries", "-1"],
         ["verify"],
+        ["copy", "a", "b", "--parallel", "300"],
+        ["copy", "a", "b", "--retries", "99"],
+        ["copy", "a", "b", "--retry-delay", "99999"],
+        ["sync", "a", "b", "--parallel", "257"],
+        ["sync", "a", "b", "--retries", "51"],
+        ["sync", "a", "b", "--retry-delay", "3600.5"],
+        ["verify", "a", "--parallel", "300"],
+        ["delete", "a", "--wait", "99999"],
     ],
-    ids=["parallel-0", "no-destination", "platform-no-arch", "retries", "verify"],
+    ids=[
+        "parallel-0",
+        "no-destination",
+        "platform-no-arch",
+        "retries",
+        "verify",
+        "parallel-300",
+        "retries-99",
+        "retry-delay-99999",
+        "sync-parallel",
+        "sync-retries",
+        "sync-retry-delay",
+        "verify-parallel",
+        "delete-wait",
+    ],
 )
 def test_usage_errors_exit_2(arguments, embedded_env, tmp_path):
     completed = run_dirimage(*arguments, env=embedded_env, cwd=tmp_path)
 
     assert completed.returncode == 2
-    assert "usage: dirimage" in completed.stderr
-    assert "Traceback" not in completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("dirimage: ")
+    assert f"see 'dirimage {arguments[0]} --help'" in lines[0]
+    assert completed.stdout == ""
+    # Refused before Prefect started: it would have made its database here.
     assert os.listdir(tmp_path) == ["prefect-home"]
+    assert os.listdir(tmp_path / "prefect-home") == []
+
+
+def test_out_of_range_values_name_the_bounds(embedded_env, tmp_path):
+    completed = run_dirimage(
+        "copy", "a", "b", "--parallel", "300", env=embedded_env, cwd=tmp_path
+    )
+
+    assert completed.stderr == (
+        "dirimage: argument --parallel: must be from 1 to 256, found 300 "
+        "(see 'dirimage copy --help')\n"
+    )
+
+
+def test_the_flows_refuse_what_the_command_line_refuses(prefect_api):
+    """The flows' bounds and the command line's come from one place."""
+    from prefect.utilities.callables import parameter_schema
+
+    import flows
+    from flows import parameters
+
+    bounds = {
+        "parallel": parameters.PARALLEL,
+        "retries": parameters.RETRIES,
+        "retry_delay": parameters.SECONDS,
+        "retry_jitter": parameters.JITTER,
+        "wait": parameters.SECONDS,
+    }
+    checked = 0
+    for name in ("copy_image", "verify_image", "sync_images", "verify_images"):
+        schema = parameter_schema(getattr(flows, name)).model_dump_for_openapi()
+        for parameter, properties in schema["properties"].items():
+            if parameter in bounds:
+                expected = bounds[parameter]
+                found = (properties["minimum"], properties["maximum"])
+                assert found == (expected.low, expected.high), (name, parameter)
+                checked += 1
+    schema = parameter_schema(flows.delete_image).model_dump_for_openapi()
+    wait = schema["properties"]["wait"]
+    assert (wait["minimum"], wait["maximum"]) == tuple(parameters.SECONDS)
+    assert checked == 10
+
+
+def test_copy_with_platform_no_signatures_and_a_retry_delay(
+    dir_images, cli_env, tmp_path
+):
+    import prefectapi
+
+    source = dir_images["index"]
+    (arm64,) = [
+        entry
+        for entry in imagekit.read_manifest(source)["manifests"]
+        if entry["platform"]["architecture"] == "arm64"
+    ]
+    destination = tmp_path / "copy"
+    arguments = ["--platform", "linux/arm64", "--remove-signatures"]
+    arguments += ["--retry-delay", "0.25", "--retries", "2", "--json"]
+
+    completed = run_dirimage("copy", source, destination, *arguments, env=cli_env)
+
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads(completed.stdout)
+    assert summary["manifest_digest"] == arm64["digest"]
+    assert summary["signatures"] == 0
+    assert list(destination.glob("*.manifest.json")) == []
+    imagekit.skopeo_accepts(destination, tmp_path / "skopeo")
+    (parameters,) = prefectapi.flow_run_parameters(
+        "copy-image", "destination", str(destination)
+    )
+    assert parameters["platform"] == "linux/arm64"
+    assert parameters["remove_signatures"] is True
+    assert parameters["retry_delay"] == 0.25
+    assert parameters["retries"] == 2
+
+
+def test_copy_without_signatures_on_the_command_line(dir_images, cli_env, tmp_path):
+    source = dir_images["signed"]
+    destination = tmp_path / "copy"
+
+    completed = run_dirimage(
+        "copy", source, destination, "--remove-signatures", "--json", env=cli_env
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["signatures"] == 0
+    assert list(source.glob("signature-*"))
+    assert list(destination.glob("*signature-*")) == []
+    imagekit.skopeo_accepts(destination, tmp_path / "skopeo")
+
+
+def readme_setup_command() -> str:
+    """The one-line set-up-and-copy command the README gives first."""
+    readme = (REPOSITORY / "README.md").read_text()
+    (command,) = [
+        line for line in readme.splitlines() if line.startswith("python3 -m venv ")
+    ]
+    return command
+
+
+@pytest.mark.timeout(1200)
+def test_readme_setup_command_in_a_fresh_folder(embedded_env, tmp_path):
+    """The README's first command, as a new user runs it: a copy of the checkout,
+    a new virtualenv, `pip install .`, then the copy of tests/data/hello."""
+    command = readme_setup_command()
+    assert " /tmp/hello-copy" in command
+    destination = tmp_path / "hello-copy"
+    command = command.replace(" /tmp/hello-copy", f" {destination}")
+    checkout = tmp_path / "checkout"
+    shutil.copytree(
+        REPOSITORY,
+        checkout,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"
+        ),
+    )
+
+    completed = subprocess.run(
+        ["sh", "-c", command],
+        cwd=checkout,
+        env=embedded_env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary_line = r"copied 3 blobs .* now holds sha256:[0-9a-f]{64}"
+    assert re.fullmatch(summary_line, completed.stdout.splitlines()[-1])
+    assert (checkout / ".venv" / "bin" / "dirimage").exists()
+    assert storage.check_image(str(destination)) == []
+    imagekit.skopeo_accepts(destination, tmp_path / "skopeo")
 
 
 def test_verify_of_an_intact_image_exits_0(dir_images, embedded_env):

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 import imagekit
+import prefectapi
 import storage
+import tasks
 from flows import copy_image, verify_image
 from storage import layout
 from storage.transfer import COPIED, REUSED
@@ -173,6 +175,71 @@ def test_blob_copies_overlap_in_time(layered_image, tmp_path, prefect_api):
     large = [t for t in summary.transfers if t.size >= 24 * MIB]
     assert len(large) == 4 and all(t.action == COPIED for t in large)
     assert overlapping_pairs(large) >= 1
+
+
+def test_copy_table_artifact_on_the_api(dir_images, tmp_path, prefect_api):
+    state = copy_image(
+        str(dir_images["index"]), str(tmp_path / "copy"), return_state=True
+    )
+
+    summary = state.result()
+    rows = prefectapi.table_rows(state.state_details.flow_run_id)
+    assert rows == [
+        {
+            "blob": transfer.digest,
+            "size": transfer.size,
+            "action": "copied",
+            "seconds": round(transfer.seconds, 3),
+            "worker": transfer.worker,
+        }
+        for transfer in summary.transfers
+    ]
+    planned = storage.plan_image(str(dir_images["index"])).blobs
+    assert sorted(row["blob"] for row in rows) == sorted(b.digest for b in planned)
+    assert {row["size"] for row in rows} == {b.size for b in planned}
+
+
+def test_blob_tasks_are_named_by_digest_with_the_retry_policy(
+    layered_image, tmp_path, prefect_api
+):
+    state = copy_image(
+        str(layered_image),
+        str(tmp_path / "copy"),
+        retries=3,
+        retry_delay=2.0,
+        retry_jitter=0.25,
+        return_state=True,
+    )
+
+    digests = sorted(
+        blob.digest for blob in storage.plan_image(str(layered_image)).blobs
+    )
+    runs = prefectapi.task_runs(state.state_details.flow_run_id, "copy_blob", 5)
+    # One task per blob: the four layers are large, the config alone in its batch.
+    assert [run.name for run in runs] == [f"copy_blob-{d[:19]}" for d in digests]
+    assert all(re.fullmatch(r"copy_blob-sha256:[0-9a-f]{12}", r.name) for r in runs)
+    for run in runs:
+        policy = run.empirical_policy
+        assert policy.retries == 3
+        assert policy.retry_delay == [2.0, 4.0, 8.0]
+        assert policy.retry_jitter_factor == 0.25
+
+
+def test_retry_options_of_the_blob_tasks():
+    from flows.copy import _copy_task
+
+    for single, task in ((True, tasks.copy_blob), (False, tasks.copy_blobs)):
+        configured = _copy_task(4, 0.5, 0.5, single=single)
+        assert configured.name == task.name
+        assert configured.retries == 4
+        assert configured.retry_delay_seconds == [0.5, 1.0, 2.0, 4.0]
+        assert configured.retry_jitter_factor == 0.5
+        assert configured.retry_condition_fn is tasks.retry_transient
+
+        without_jitter = _copy_task(2, 3.0, 0.0, single=single)
+        assert without_jitter.retry_delay_seconds == [3.0, 6.0]
+        assert without_jitter.retry_jitter_factor is None
+        assert _copy_task(0, 3.0, 0.5, single=single).retries == 0
 
 
 def test_blob_copies_do_not_overlap_one_at_a_time(layered_image, tmp_path, prefect_api):

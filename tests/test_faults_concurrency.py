@@ -4,6 +4,7 @@ The first copy is frozen with SIGSTOP while it holds the destination's lock, so 
 second one meets the lock every time, not only when the timing happens to line up.
 """
 
+import json
 import os
 import signal
 import time
@@ -18,6 +19,9 @@ from storage import layout
 
 MIB = 1024 * 1024
 LOCK_WAIT_SECONDS = 240
+# Temporary files a delete removes one by one: enough that it still holds the
+# lock when the test, polling every 10 ms, freezes it.
+FILLER_FILES = 100_000
 
 
 def wait_until_holding_lock(process, destination: Path) -> None:
@@ -31,6 +35,24 @@ def wait_until_holding_lock(process, destination: Path) -> None:
             return
         assert time.monotonic() < deadline, "the copy never took the lock"
         time.sleep(0.01)
+
+
+def wait_until_waiting_for_lock(process, destination: Path) -> None:
+    """Return once `process` has the destination's lock file open, as a waiting
+    `ImageLock` has while it retries `flock`."""
+    lock = str(destination / layout.LOCK_FILE)
+    descriptors = Path(f"/proc/{process.pid}/fd")
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        assert process.poll() is None, process.communicate()
+        for descriptor in descriptors.iterdir():
+            try:
+                if os.readlink(descriptor) == lock:
+                    return
+            except OSError:
+                continue
+        assert time.monotonic() < deadline, "the process never opened the lock"
+        time.sleep(0.05)
 
 
 def image_files(folder: Path) -> set[str]:
@@ -132,9 +154,6 @@ def test_copy_and_delete_at_once_never_leave_half_an_image(
 ):
     """While a copy holds the lock, a delete waits or fails with ImageBusy; either
     way the folder ends up holding the whole new image, or nothing of an image."""
-    flows_folder = Path(__file__).parents[1] / "flows"
-    if not (flows_folder / "delete.py").exists():
-        pytest.skip("dirimage delete does not exist yet")
     destination = imagekit.copy_image(dir_images["oci"], tmp_path / "destination")
 
     copy = faultkit.start_dirimage(
@@ -177,3 +196,82 @@ def test_copy_and_delete_at_once_never_leave_half_an_image(
         assert len(lines) == 1, delete_err
         assert "being written by another dirimage process" in lines[0]
         assert_holds_exactly(destination, big_source, tmp_path / "skopeo")
+
+
+def test_copy_into_a_folder_being_deleted_fails_at_once(
+    dir_images, fresh_image, tmp_path, cli_env
+):
+    destination = imagekit.copy_image(dir_images["oci"], tmp_path / "destination")
+    for number in range(FILLER_FILES):
+        (destination / f"{layout.TEMP_PREFIX}filler-{number}").touch()
+    other = fresh_image("v2s2")
+    other_blobs = {faultkit.blob_name(d) for d, _ in faultkit.manifest_blobs(other)}
+
+    delete = faultkit.start_dirimage(cli_env, "delete", "--json", destination)
+    try:
+        wait_until_holding_lock(delete, destination)
+        os.kill(delete.pid, signal.SIGSTOP)
+        try:
+            copy = faultkit.dirimage(cli_env, "copy", other, destination)
+            files_while_frozen = set(os.listdir(destination))
+        finally:
+            os.kill(delete.pid, signal.SIGCONT)
+        delete_out, delete_err = delete.communicate(timeout=300)
+    finally:
+        faultkit.stop(delete)
+
+    assert copy.returncode == 1, copy.stderr
+    lines = copy.stderr.splitlines()
+    assert len(lines) == 1, copy.stderr
+    assert "being written by another dirimage process" in lines[0]
+    assert f"held by process {delete.pid}" in lines[0]
+    assert not files_while_frozen & other_blobs, "the refused copy wrote blobs"
+    assert layout.LOCK_FILE in files_while_frozen
+
+    assert delete.returncode == 0, delete_err
+    result = json.loads(delete_out)
+    assert result["folder_removed"] and result["left"] == []
+    assert len(result["removed"]) > FILLER_FILES
+    assert not destination.exists()
+
+
+def test_delete_with_wait_deletes_the_image_a_copy_finished(
+    big_source, dir_images, tmp_path, cli_env
+):
+    destination = imagekit.copy_image(dir_images["oci"], tmp_path / "destination")
+    previous = {
+        faultkit.blob_name(d) for d, _ in faultkit.manifest_blobs(dir_images["oci"])
+    }
+
+    copy = faultkit.start_dirimage(
+        cli_env, "copy", "--parallel", "1", big_source, destination
+    )
+    delete = None
+    try:
+        wait_until_holding_lock(copy, destination)
+        os.kill(copy.pid, signal.SIGSTOP)
+        try:
+            delete = faultkit.start_dirimage(
+                cli_env, "delete", "--wait", "240", "--json", destination
+            )
+            wait_until_waiting_for_lock(delete, destination)
+            files_while_waiting = set(os.listdir(destination))
+        finally:
+            os.kill(copy.pid, signal.SIGCONT)
+        copy_out, copy_err = copy.communicate(timeout=300)
+        delete_out, delete_err = delete.communicate(timeout=300)
+    finally:
+        faultkit.stop(copy)
+        if delete is not None:
+            faultkit.stop(delete)
+
+    assert previous | {"manifest.json"} <= files_while_waiting
+    assert copy.returncode == 0, copy_err
+    assert delete.returncode == 0, delete_err
+    # The delete ran after the copy had committed: it removed the new image.
+    result = json.loads(delete_out)
+    new_blobs = {faultkit.blob_name(d) for d, _ in faultkit.manifest_blobs(big_source)}
+    assert new_blobs | {"manifest.json", "version"} <= set(result["removed"])
+    assert not (previous - new_blobs) & set(result["removed"])
+    assert result["folder_removed"]
+    assert not destination.exists()

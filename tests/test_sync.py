@@ -1,14 +1,23 @@
 """Mirroring trees of real skopeo-made images with sync_images."""
 
+import ctypes
+import json
+import logging
 import os
+import resource
 import shutil
+import struct
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+import faultkit
 import imagekit
+import prefectapi
+import storage
 from storage import link as storage_link
 from storage.layout import LOCK_FILE
 
@@ -389,3 +398,373 @@ def test_dirimage_sync_and_verify_a_root(source, tmp_path):
     damaged_lines = [line for line in verified.stderr.splitlines() if digest in line]
     assert damaged_lines and all(victim_name in line for line in damaged_lines)
     assert "multi/index" not in verified.stderr
+
+
+def shared_blob_files(root: Path) -> dict[str, list[Path]]:
+    """Each blob digest that several images under `root` hold, with their files."""
+    files: dict[str, list[Path]] = {}
+    for relative, _, _ in TREE:
+        for blob in imagekit.blob_files(root / relative):
+            files.setdefault(blob.name, []).append(blob)
+    return {digest: paths for digest, paths in files.items() if len(paths) > 1}
+
+
+def inodes(paths: list[Path]) -> set[int]:
+    return {os.stat(path).st_ino for path in paths}
+
+
+def skip_unless_hard_links(folder: Path) -> None:
+    """Skip where the filesystem makes reflinks, which have inodes of their own."""
+    scratch = folder / "link-probe"
+    scratch.mkdir()
+    (scratch / "a").write_bytes(b"probe")
+    (scratch / "b").write_bytes(b"probe")
+    method = storage_link.link_file(str(scratch / "a"), str(scratch / "b"))
+    shutil.rmtree(scratch)
+    if method != storage_link.HARDLINK:
+        pytest.skip("the filesystem makes reflinks, which have inodes of their own")
+
+
+def test_link_sync_after_a_plain_sync_shares_the_unchanged_images_blobs(
+    source, tmp_path, prefect_api
+):
+    from flows.sync import sync_images, verify_images
+
+    destination = tmp_path / "mirror"
+    sync_images(str(source), str(destination))
+    shared = shared_blob_files(destination)
+    assert len(shared) >= 3  # base's layers and config, amd64's blobs
+    assert all(len(inodes(paths)) == len(paths) for paths in shared.values())
+
+    skip_unless_hard_links(tmp_path)
+
+    linked = sync_images(str(source), str(destination), link=True)
+
+    assert set(statuses(linked).values()) == {"skipped"}
+    assert linked.bytes_from_source == 0
+    for paths in shared.values():
+        assert len(inodes(paths)) == 1, paths
+    outcomes = {image.image: image for image in linked.images}
+    assert outcomes["base"].blobs_shared == 0  # the first holder is the donor
+    assert outcomes["team/app-one"].blobs_shared >= 2
+    assert outcomes["platforms/amd64"].blobs_shared == len(
+        blob_digests(source / "platforms/amd64")
+    )
+    assert len(verify_images(str(destination))) == len(TREE)
+    for relative, _, _ in TREE:
+        imagekit.skopeo_accepts(destination / relative, tmp_path / "skopeo")
+
+    # Everything shares already: the next --link sync writes nothing at all.
+    before = snapshot(destination)
+    again = sync_images(str(source), str(destination), link=True)
+    assert sum(image.blobs_shared for image in again.images) == 0
+    assert snapshot(destination) == before
+
+
+def test_link_sync_keeps_files_of_a_damaged_donor_and_of_a_busy_image(
+    source, tmp_path, prefect_api
+):
+    from flows.copy import ImageCorrupt
+    from flows.sync import SyncFailed, sync_images, verify_images
+
+    destination = tmp_path / "mirror"
+    sync_images(str(source), str(destination))
+    # base is the first holder of its layers, so the others would link to it.
+    shared_with_base = blob_digests(source / "base") & blob_digests(
+        source / "team/app-one"
+    )
+    damaged = max(shared_with_base, key=lambda d: (source / "base" / d).stat().st_size)
+    with open(destination / "base" / damaged, "r+b") as blob:
+        first = blob.read(1)
+        blob.seek(0)
+        blob.write(bytes([first[0] ^ 0xFF]))
+    busy = destination / "platforms" / "amd64"
+    busy_blobs = {path.name: os.stat(path) for path in imagekit.blob_files(busy)}
+    skip_unless_hard_links(tmp_path)
+
+    with storage.ImageLock(str(busy)):
+        state = sync_images(str(source), str(destination), link=True, return_state=True)
+
+    with pytest.raises(SyncFailed) as caught:
+        state.result()
+    outcomes = {image.image: image for image in caught.value.summary.images}
+    assert outcomes["platforms/amd64"].status == "failed"
+    assert "being written by another dirimage process" in (
+        outcomes["platforms/amd64"].error
+    )
+    after = {path.name: os.stat(path) for path in imagekit.blob_files(busy)}
+    assert {name: info.st_ino for name, info in after.items()} == {
+        name: info.st_ino for name, info in busy_blobs.items()
+    }
+    for relative in ("team/app-one", "team/nested/deep/app-two"):
+        assert outcomes[relative].status == "skipped"
+        assert not storage_link.same_file(
+            str(destination / "base" / damaged), str(destination / relative / damaged)
+        )
+    warnings = prefectapi.log_messages(
+        state.state_details.flow_run_id, logging.WARNING, "Not linking"
+    )
+    refused = [message for message in warnings if "Not linking" in message]
+    assert len(refused) == 2 and all(f"sha256:{damaged}" in m for m in refused)
+    # The other layer base shares is intact, so it is linked.
+    for digest in shared_with_base - {damaged}:
+        assert storage_link.same_file(
+            str(destination / "base" / digest),
+            str(destination / "team/app-one" / digest),
+        )
+    with pytest.raises(ImageCorrupt) as verified:
+        verify_images(str(destination))
+    damaged_images = {problem.split(":", 1)[0] for problem in verified.value.problems}
+    assert damaged_images == {"base"}
+    for relative in ("team/app-one", "team/nested/deep/app-two", "platforms/amd64"):
+        imagekit.skopeo_accepts(destination / relative, tmp_path / "skopeo")
+
+
+def test_sync_of_more_images_than_the_process_may_open_files(tmp_path, cli_env):
+    """Each changed image is locked through a file descriptor of its own."""
+    limit = 64
+    source = tmp_path / "source"
+    first = faultkit.make_synthetic_image(source / "image-000", [4096], "many")
+    names = [f"image-{number:03d}" for number in range(limit + 16)]
+    for name in names[1:]:
+        shutil.copytree(first, source / name)
+    destination = tmp_path / "mirror"
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    synced = subprocess.run(
+        [faultkit.DIRIMAGE, "sync", str(source), str(destination), "--json"],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+        preexec_fn=low_limit,
+    )
+
+    assert synced.returncode == 0, synced.stderr
+    summary = json.loads(synced.stdout)
+    assert {image["image"]: image["status"] for image in summary["images"]} == {
+        name: "copied" for name in names
+    }
+    blob_bytes = sum(size for _, size in faultkit.manifest_blobs(first))
+    assert summary["images"][0]["bytes_from_source"] == blob_bytes
+    assert sum(image["bytes_from_source"] for image in summary["images"]) == blob_bytes
+    for name in names:
+        assert image_files(destination / name) == image_files(first)
+    imagekit.skopeo_accepts(destination / names[-1], tmp_path / "skopeo")
+
+
+class OpenCounter:
+    """Counts the opens of files in some folders, as the kernel reports them
+    through inotify."""
+
+    IN_OPEN = 0x20
+    EVENT = struct.Struct("iIII")
+
+    def __init__(self, folders: list[Path]):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.descriptor = self.libc.inotify_init1(os.O_NONBLOCK)
+        assert self.descriptor >= 0, os.strerror(ctypes.get_errno())
+        self.folders = {}
+        for folder in folders:
+            watch = self.libc.inotify_add_watch(
+                self.descriptor, str(folder).encode(), self.IN_OPEN
+            )
+            assert watch >= 0, os.strerror(ctypes.get_errno())
+            self.folders[watch] = folder
+
+    def opens(self) -> Counter:
+        """(folder, file name) to how often it was opened since the start."""
+        counts: Counter = Counter()
+        while True:
+            try:
+                data = os.read(self.descriptor, 1 << 16)
+            except BlockingIOError:
+                return counts
+            offset = 0
+            while offset < len(data):
+                watch, mask, _, length = self.EVENT.unpack_from(data, offset)
+                offset += self.EVENT.size
+                name = data[offset : offset + length].rstrip(b"\0").decode()
+                offset += length
+                assert watch in self.folders, "the event queue overflowed"
+                if name:
+                    counts[(self.folders[watch], name)] += 1
+
+    def close(self) -> None:
+        os.close(self.descriptor)
+
+
+def test_a_shared_blob_is_opened_in_the_source_once(source, tmp_path, prefect_api):
+    from flows.sync import sync_images
+
+    folders = [source / relative for relative, _, _ in TREE]
+    wanted = Counter(digest for folder in folders for digest in blob_digests(folder))
+    assert max(wanted.values()) == 3  # base's layers are in three images
+    counter = OpenCounter(folders)
+    try:
+        sync_images(str(source), str(tmp_path / "mirror"))
+        opens = counter.opens()
+    finally:
+        counter.close()
+
+    blob_opens = Counter()
+    for (_, name), count in opens.items():
+        if name in wanted:
+            blob_opens[name] += count
+    assert blob_opens == Counter({digest: 1 for digest in wanted})
+
+
+def test_one_flow_run_and_its_table_for_a_whole_tree(source, tmp_path, prefect_api):
+    from flows.sync import sync_images
+
+    runs_before = prefectapi.all_flow_run_count()
+
+    state = sync_images(str(source), str(tmp_path / "mirror"), return_state=True)
+
+    assert prefectapi.all_flow_run_count() == runs_before + 1
+    summary = state.result()
+    rows = prefectapi.table_rows(state.state_details.flow_run_id, "sync-images")
+    assert rows == [
+        {
+            "image": image.image,
+            "status": "copied",
+            "bytes from source": image.bytes_from_source,
+            "bytes shared": image.bytes_shared,
+            "bytes reused": 0,
+            "seconds": image.seconds,
+            "error": "",
+        }
+        for image in summary.images
+    ]
+    assert [row["image"] for row in rows] == sorted(r for r, _, _ in TREE)
+    assert sum(row["bytes from source"] for row in rows) == summary.bytes_from_source
+
+
+def test_prune_from_a_source_without_images_prunes_nothing(
+    source, tmp_path, prefect_api
+):
+    from flows.sync import sync_images
+
+    destination = tmp_path / "mirror"
+    sync_images(str(source), str(destination))
+    before = snapshot(destination)
+    empty = tmp_path / "unmounted"
+    empty.mkdir()
+
+    state = sync_images(str(empty), str(destination), prune=True, return_state=True)
+
+    assert state.result().images == []
+    assert snapshot(destination) == before
+    warnings = prefectapi.log_messages(
+        state.state_details.flow_run_id, logging.WARNING, "Not pruning"
+    )
+    assert [message for message in warnings if "Not pruning" in message] == [
+        f"Not pruning {destination}: the source root {empty} holds no images at all"
+    ]
+
+
+def test_dirimage_sync_exits_0_and_prints_json(source, tmp_path, cli_env):
+    destination = tmp_path / "mirror"
+
+    synced = faultkit.dirimage(cli_env, "sync", source, destination, "--json")
+
+    assert synced.returncode == 0, synced.stderr
+    assert synced.stderr == ""
+    summary = json.loads(synced.stdout)
+    assert summary["source_root"] == str(source)
+    assert summary["destination_root"] == str(destination)
+    assert {image["image"]: image["status"] for image in summary["images"]} == {
+        relative: "copied" for relative, _, _ in TREE
+    }
+    assert all(image["error"] is None for image in summary["images"])
+
+    again = faultkit.dirimage(cli_env, "sync", source, destination)
+
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    assert len(lines) == len(TREE)
+    assert all(line.startswith("skipped  ") for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "flow_name, parameters",
+    [
+        ("sync_images", {"source_root": "", "destination_root": "/mirror"}),
+        ("sync_images", {"source_root": "/images", "destination_root": ""}),
+        ("verify_images", {"root": ""}),
+        ("delete_image", {"path": ""}),
+    ],
+    ids=["sync-source", "sync-destination", "verify-root", "delete-path"],
+)
+def test_empty_paths_are_refused_before_a_run(flow_name, parameters, prefect_api):
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    import flows
+
+    flow = getattr(flows, flow_name)
+    (empty,) = [name for name, value in parameters.items() if value == ""]
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    assert schema["properties"][empty]["minLength"] == 1
+
+    # What the server checks before it creates a run of a deployment.
+    with pytest.raises(ValidationError, match=f"for field '{empty}'"):
+        validate(parameters, schema, raise_on_error=True, ignore_required=True)
+    with pytest.raises(ParameterTypeError):
+        flow.validate_parameters(parameters)
+
+
+HELLO = Path(__file__).parent / "data" / "hello"
+
+
+def test_share_blob_links_only_to_a_donor_that_hashes_to_its_digest(tmp_path):
+    donor, target, damaged = (
+        Path(shutil.copytree(HELLO, tmp_path / name))
+        for name in ("donor", "target", "damaged")
+    )
+    skip_unless_hard_links(tmp_path)
+    name = max(blob_digests(HELLO), key=lambda d: (HELLO / d).stat().st_size)
+    digest, size = f"sha256:{name}", (HELLO / name).stat().st_size
+    (damaged / name).write_bytes(b"x" * size)
+
+    refused = storage_link.share_blob(str(damaged), str(target), digest, size)
+    linked = storage_link.share_blob(str(donor), str(target), digest, size)
+    shared_inode = storage_link.same_file(str(donor / name), str(target / name))
+    again = storage_link.share_blob(str(donor), str(target), digest, size)
+    (target / name).unlink()
+    missing = storage_link.share_blob(str(donor), str(target), digest, size)
+
+    assert refused.action == storage_link.DAMAGED_DONOR
+    assert (linked.action, linked.size) == (storage_link.LINKED, size)
+    assert shared_inode
+    assert again.action == "reused"
+    assert missing.action == storage_link.KEPT
+    assert not (target / name).exists(), "a blob the image lacks was added"
+    assert (damaged / name).read_bytes() == b"x" * size
+    # No temporary file is left behind.
+    assert sorted(os.listdir(target)) == sorted(set(os.listdir(HELLO)) - {name})
+
+
+def test_copy_blob_locally_falls_back_to_the_source(tmp_path):
+    holder = Path(shutil.copytree(HELLO, tmp_path / "holder"))
+    name = max(blob_digests(HELLO), key=lambda d: (HELLO / d).stat().st_size)
+    digest, size = f"sha256:{name}", (HELLO / name).stat().st_size
+
+    local = storage_link.copy_blob_locally(
+        str(holder), str(tmp_path / "first"), digest, size, fallback_source=str(HELLO)
+    )
+    (holder / name).write_bytes(b"x" * size)
+    fallback = storage_link.copy_blob_locally(
+        str(holder), str(tmp_path / "second"), digest, size, fallback_source=str(HELLO)
+    )
+
+    assert local.action == storage_link.COPIED_LOCALLY
+    assert fallback.action == "copied"
+    for folder in ("first", "second"):
+        assert (tmp_path / folder / name).read_bytes() == (HELLO / name).read_bytes()
+    with pytest.raises(storage.DigestMismatch):
+        storage_link.copy_blob_locally(str(holder), str(tmp_path / "third"), digest)

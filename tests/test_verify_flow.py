@@ -90,3 +90,43 @@ def test_every_problem_is_listed(fresh_image, prefect_api):
     for digest in (first, missing, corrupt):
         assert sum(digest in problem for problem in problems) == 1
     assert "and 2 more" in str(caught.value)
+
+
+def test_verify_images_of_a_tree_on_the_thread_runner(
+    dir_images, tmp_path, prefect_api
+):
+    from flows import verify_images
+
+    root = tmp_path / "root"
+    kinds = {"apps/oci": "oci", "apps/team/index": "index", "v2s2": "v2s2"}
+    for relative, kind in kinds.items():
+        imagekit.copy_image(dir_images[kind], root / relative)
+
+    reports = verify_images(f"dir:{root}", parallel=2, runner="thread")
+
+    assert [report.path for report in reports] == [
+        str(root / relative) for relative in sorted(kinds)
+    ]
+    for report, relative in zip(reports, sorted(kinds), strict=True):
+        assert report.ok
+        planned = storage.plan_image(str(dir_images[kinds[relative]])).blobs
+        assert report.blobs_checked == len(planned)
+
+    digest = imagekit.read_manifest(root / "v2s2")["layers"][0]["digest"]
+    damage(root / "v2s2" / digest.split(":")[1])
+    with pytest.raises(ImageCorrupt) as caught:
+        verify_images(str(root), runner="thread")
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith("v2s2: ")
+    assert digest in caught.value.problems[0]
+
+
+def test_verify_images_refuses_an_unknown_runner(dir_images, tmp_path, prefect_api):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows import verify_images
+
+    imagekit.copy_image(dir_images["oci"], tmp_path / "root" / "oci")
+
+    with pytest.raises(ParameterTypeError, match="runner"):
+        verify_images(str(tmp_path / "root"), runner="threads")

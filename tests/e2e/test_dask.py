@@ -28,7 +28,6 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 TEMP_PREFIX = ".dirimage-tmp-"
 COMMAND_TIMEOUT = 600
-# The checkout that holds the storage, tasks and flows packages.
 
 
 def make_layered_image(path: Path, layers: int, layer_size: int, seed: str) -> Path:
@@ -191,7 +190,9 @@ def test_command_line_copy_and_verify_on_cluster(
     assert layer["digest"] in damaged.stderr
 
 
-def test_command_line_sync_on_cluster(prefect_env, cluster, tmp_path):
+def test_command_line_sync_and_verify_of_a_tree_on_cluster(
+    prefect_env, cluster, tmp_path
+):
     source_root = tmp_path / "source"
     for name in ("team/app", "team/base", "tools"):
         make_layered_image(source_root / name, 6, 5 * MIB, f"dask-sync-{name}")
@@ -220,6 +221,30 @@ def test_command_line_sync_on_cluster(prefect_env, cluster, tmp_path):
     for name in ("team/app", "team/base", "tools"):
         assert storage_problems(destination_root / name) == []
         imagekit.skopeo_accepts(destination_root / name, tmp_path / "skopeo")
+
+    # verify of the whole tree hashes on the cluster too.
+    before = cluster.executed_counts()
+    verified = run_dirimage(
+        [
+            "verify",
+            str(destination_root),
+            "--runner",
+            cluster.runner,
+            "--parallel",
+            "4",
+            "--json",
+        ],
+        prefect_env,
+    )
+
+    assert verified.returncode == 0, verified.stderr
+    reports = json.loads(verified.stdout)
+    assert [report["problems"] for report in reports] == [[], [], []]
+    assert sum(report["blobs_checked"] for report in reports) == 3 * 7
+    after = cluster.executed_counts()
+    ran = {worker: after[worker] - before.get(worker, 0) for worker in after}
+    assert len(ran) == 2 and all(count > 0 for count in ran.values()), ran
+    assert sum(ran.values()) >= 3 * 7
 
 
 def storage_problems(path: Path) -> list[str]:
