@@ -10,7 +10,8 @@ The layout, as containers/image writes it:
   `<algorithm>-<hex>` for other algorithms; `<hex>.tar` in layouts before 1.1.
 - `signature-1`, `signature-2`, ...; `<hex>.signature-N` for instances.
 
-Every helper takes a validated `Digest`, so no caller can smuggle a path through.
+Every helper checks its digest again (a `Digest` or its text) before it builds a
+path, so no caller can smuggle a path through, however its digest was made.
 """
 
 import os
@@ -51,8 +52,9 @@ def is_legacy(version: str) -> bool:
     return version in (LEGACY_2016, VERSION_1_0)
 
 
-def digest_stem(digest: Digest) -> str:
+def digest_stem(digest: "Digest | str") -> str:
     """The part of a file name that a digest contributes."""
+    digest = parse_digest(digest)
     if digest.algorithm == "sha256":
         return digest.hex
     return f"{digest.algorithm}-{digest.hex}"
@@ -66,19 +68,21 @@ def lock_path(root: str) -> str:
     return os.path.join(root, LOCK_FILE)
 
 
-def manifest_path(root: str, instance: Digest | None = None) -> str:
+def manifest_path(root: str, instance: "Digest | str | None" = None) -> str:
     if instance is None:
         return os.path.join(root, MANIFEST_FILE)
     return os.path.join(root, f"{digest_stem(instance)}.{MANIFEST_FILE}")
 
 
-def blob_path(root: str, digest: Digest, version: str = VERSION_1_1) -> str:
+def blob_path(root: str, digest: "Digest | str", version: str = VERSION_1_1) -> str:
     if is_legacy(version):
-        return os.path.join(root, f"{digest.hex}.tar")
+        return os.path.join(root, f"{parse_digest(digest).hex}.tar")
     return os.path.join(root, digest_stem(digest))
 
 
-def signature_path(root: str, number: int, instance: Digest | None = None) -> str:
+def signature_path(
+    root: str, number: int, instance: "Digest | str | None" = None
+) -> str:
     """The path of signature `number`, counted from 1 as containers/image does."""
     if number < 1:
         raise ValueError(f"signature numbers start at 1, found {number}")
@@ -90,10 +94,14 @@ def signature_path(root: str, number: int, instance: Digest | None = None) -> st
 # Exactly the stems digest_stem produces: bare hex for sha256, algorithm-hex of the
 # algorithm's own length otherwise. Anything looser would let remove_unused delete a
 # foreign file such as `sha512-abc`.
-_STEM = "(?:" + "|".join(
-    "[0-9a-f]{64}" if algorithm == "sha256" else f"{algorithm}-[0-9a-f]{{{length}}}"
-    for algorithm, length in HEX_LENGTHS.items()
-) + ")"
+_STEM = (
+    "(?:"
+    + "|".join(
+        "[0-9a-f]{64}" if algorithm == "sha256" else f"{algorithm}-[0-9a-f]{{{length}}}"
+        for algorithm, length in HEX_LENGTHS.items()
+    )
+    + ")"
+)
 _LAYOUT_NAMES = [
     ("version", re.compile(re.escape(VERSION_FILE))),
     ("manifest", re.compile(re.escape(MANIFEST_FILE))),

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from storage import (
+    Digest,
     DigestMismatch,
     DirImageDestination,
     DirImageSource,
     FolderNotEmpty,
+    InvalidDigest,
     NotAnImage,
     SizeMismatch,
     plan_image,
@@ -390,6 +392,38 @@ class TestManifestsAndSignatures:
         destination = DirImageDestination(str(root))
         destination.put_manifest((root / "manifest.json").read_bytes(), None, "1.1")
         assert (root / "version").read_bytes() == VERSION_1_1
+
+    @pytest.mark.parametrize("hex_part", ["../x", "../image/../x", "absolute"])
+    def test_a_smuggled_digest_writes_and_deletes_nothing(self, tmp_path, hex_part):
+        """An instance Digest made around its constructor never becomes a path:
+        nothing beside the folder is written, and nothing there is deleted."""
+        root = tmp_path / "image"
+        destination = DirImageDestination(str(root))
+        (tmp_path / "x.signature-1").write_bytes(b"a file beside the image")
+        (tmp_path / "x.signature-2").write_bytes(b"another one")
+        before = {
+            path.name: path.read_bytes()
+            for path in tmp_path.iterdir()
+            if path.is_file()
+        }
+        if hex_part == "absolute":
+            hex_part = str(tmp_path / "x")
+        smuggled = Digest._make(("sha256", hex_part))
+
+        with pytest.raises(InvalidDigest):
+            destination.put_manifest(b"{}", smuggled)
+        with pytest.raises(InvalidDigest):
+            destination.put_signatures([b"signature"], smuggled)
+        with pytest.raises(InvalidDigest):
+            destination.put_blob(smuggled, io.BytesIO(b"blob"))
+
+        after = {
+            path.name: path.read_bytes()
+            for path in tmp_path.iterdir()
+            if path.is_file()
+        }
+        assert after == before
+        assert listing(root) == ["version"]
 
     @pytest.mark.parametrize("version", ["1.0", "2016", "1.3", ""])
     def test_put_version_refuses_versions_it_cannot_write(self, tmp_path, version):

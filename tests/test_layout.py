@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from storage import NotAnImage, parse_digest
+from storage import Digest, InvalidDigest, NotAnImage, parse_digest
 from storage.layout import (
     LEGACY_2016,
     blob_path,
@@ -84,6 +84,25 @@ def test_signature_path_refuses_numbers_below_one(number):
     """Signature 0 (or below) does not exist in the layout."""
     with pytest.raises(ValueError, match=str(number)):
         signature_path(ROOT, number)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [("sha256", "../x"), ("sha256", "../../etc/passwd"), ("sha512", "a/" + "b" * 126)],
+)
+def test_path_helpers_refuse_a_digest_built_around_its_constructor(parts):
+    """However a Digest was made, the helpers check it before it becomes a path."""
+    digest = Digest._make(parts)
+    helpers = [
+        lambda: blob_path(ROOT, digest),
+        lambda: blob_path(ROOT, digest, "1.0"),
+        lambda: manifest_path(ROOT, digest),
+        lambda: signature_path(ROOT, 1, digest),
+        lambda: digest_stem(digest),
+    ]
+    for helper in helpers:
+        with pytest.raises(InvalidDigest):
+            helper()
 
 
 def test_layout_version_for_picks_1_2_only_for_other_algorithms():
