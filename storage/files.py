@@ -1,5 +1,8 @@
 """File primitives the layout relies on: confined opens, capped reads, atomic writes,
 and streaming a blob through its hash.
+
+Every temporary file starts with `TEMP_PREFIX`, so a later cleanup knows it as
+ours.
 """
 
 import errno
@@ -18,9 +21,10 @@ from storage.errors import (
     TooLarge,
     UnsafePath,
 )
-from storage.layout import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".dirimage-tmp-"
 
 # Large enough that hashing and syscalls cost little per byte, small enough that a
 # dozen parallel copies stay well under a hundred MiB of buffers.

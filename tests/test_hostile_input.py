@@ -220,6 +220,14 @@ def _fifo_version(image: Path, _outside: Path) -> None:
     os.mkfifo(image / "version")
 
 
+def _version_link_outside(image: Path, outside: Path) -> None:
+    # The outside file holds a valid version line: only the place is wrong.
+    secret = outside / "secret-version"
+    shutil.copyfile(image / "version", secret)
+    (image / "version").unlink()
+    (image / "version").symlink_to(secret)
+
+
 def _oversize_signature(image: Path, _outside: Path) -> None:
     (image / "signature-1").write_bytes(b"\0" * (SIGNATURE_SIZE_LIMIT + 1))
 
@@ -366,8 +374,15 @@ SOURCE_CASES = [
         "version-is-fifo",
         "oci",
         _fifo_version,
-        storage.NotAnImage,
-        "version holds b''",
+        storage.UnsafePath,
+        "is not a regular file",
+    ),
+    SourceCase(
+        "version-symlink-outside",
+        "oci",
+        _version_link_outside,
+        storage.UnsafePath,
+        "points outside the image",
     ),
     SourceCase(
         "signature-over-cap",
@@ -394,6 +409,7 @@ CLI_CASES = [
     "instance-digest-upper-case",
     "blob-symlink-outside",
     "version-is-fifo",
+    "version-symlink-outside",
     "too-many-signatures",
 ]
 CASES_BY_NAME = {case.name: case for case in SOURCE_CASES}
