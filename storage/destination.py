@@ -9,7 +9,6 @@ from storage.digest import Digest, parse_digest
 from storage.errors import (
     FolderNotEmpty,
     ImageError,
-    InvalidManifest,
     NotAnImage,
     TooLarge,
     UnsafePath,
@@ -18,12 +17,10 @@ from storage.files import (
     fsync_folder,
     hash_stream,
     open_inside,
-    read_capped,
     write_atomically,
     write_blob_atomically,
 )
-from storage.manifest import parse_manifest
-from storage.source import MANIFEST_SIZE_LIMIT
+from storage.source import image_layout_version
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +53,8 @@ class DirImageDestination:
             write_atomically(layout.version_path(self.path), layout.version_text("1.1"))
             fsync_folder(self.path)
         try:
-            self.layout_version = layout.read_layout_version(self.path)
-            if self.layout_version == layout.LEGACY_2016:
-                # Without a version file, only a manifest that parses says the
-                # folder is an image: `docker save` output has a manifest.json too.
-                parse_manifest(
-                    read_capped(
-                        self.path,
-                        layout.manifest_path(self.path),
-                        "manifest",
-                        MANIFEST_SIZE_LIMIT,
-                    )
-                )
-        except (NotAnImage, InvalidManifest, UnsafePath, TooLarge):
+            self.layout_version = image_layout_version(self.path)
+        except (NotAnImage, UnsafePath, TooLarge):
             raise FolderNotEmpty(
                 f"destination {self.path} is not empty and holds no dir: image; "
                 "refusing to write into it"
