@@ -31,6 +31,10 @@ TEMP_PREFIX = ".dirimage-tmp-"
 CHUNK_SIZE = 1024 * 1024
 
 
+# What opening a socket or a device node without a driver fails with.
+_NOT_A_FILE_ERRNOS = frozenset((errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP))
+
+
 def open_inside(root: str, path: str, what: str) -> BinaryIO:
     """Open the regular file `path` for reading, refusing to leave `root`.
 
@@ -50,9 +54,14 @@ def open_inside(root: str, path: str, what: str) -> BinaryIO:
     except FileNotFoundError:
         raise BlobNotFound(f"{what} is missing: {path}") from None
     except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        raise UnsafePath(f"{what} {path} changed into a link while opened") from None
+        if error.errno == errno.ELOOP:
+            raise UnsafePath(
+                f"{what} {path} changed into a link while opened"
+            ) from None
+        if error.errno in _NOT_A_FILE_ERRNOS:
+            # A socket, or a device with no driver behind it, fails to open.
+            raise UnsafePath(f"{what} {path} is not a regular file") from None
+        raise
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)
         raise UnsafePath(f"{what} {path} is not a regular file")
