@@ -77,13 +77,7 @@ def read_capped(root: str, path: str, what: str, limit: int) -> bytes:
     return data
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file whole.
-
-    The bytes go to a temporary file beside `path`, are flushed to disk, and are
-    renamed into place; on any failure the temporary file is removed.
-    """
-    folder = os.path.dirname(path)
+def _new_temporary(folder: str, data: bytes) -> str:
     descriptor, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
     try:
         with open(descriptor, "wb") as file:
@@ -91,9 +85,35 @@ def write_atomically(path: str, data: bytes) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)
+    except BaseException:
+        remove_quietly(temporary)
+        raise
+    return temporary
+
+
+def write_temporary(folder: str, data: bytes, what: str) -> str:
+    """Write `what` (`data`) to a new temporary file in `folder`, flushed to disk,
+    and return its path, for the caller to rename into place. On any failure
+    nothing is left behind."""
+    try:
+        return _new_temporary(folder, data)
+    except OSError as error:
+        raise _with_context(error, f"writing {what} to {folder}") from error
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file whole.
+
+    The bytes go to a temporary file beside `path`, are flushed to disk, and are
+    renamed into place; on any failure the temporary file is removed.
+    """
+    temporary = None
+    try:
+        temporary = _new_temporary(os.path.dirname(path), data)
         os.replace(temporary, path)
     except BaseException as error:
-        _remove_quietly(temporary)
+        if temporary is not None:
+            remove_quietly(temporary)
         if isinstance(error, OSError):
             raise _with_context(error, f"writing {path}") from error
         raise
@@ -114,7 +134,8 @@ def fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Remove the file `path` if it is there."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -190,7 +211,7 @@ def write_blob_atomically(
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException as error:
-        _remove_quietly(temporary)
+        remove_quietly(temporary)
         if isinstance(error, OSError) and not isinstance(error, ImageError):
             # A full disk or a size limit says only "No space left on device";
             # name the blob and the place, keeping the errno for retry decisions.
