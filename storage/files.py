@@ -69,9 +69,18 @@ def open_inside(root: str, path: str, what: str) -> BinaryIO:
 
 
 def read_capped(root: str, path: str, what: str, limit: int) -> bytes:
-    """Read a whole small file, refusing one larger than `limit` bytes."""
-    with open_inside(root, path, what) as file:
-        data = file.read(limit + 1)
+    """Read a whole small file, refusing one larger than `limit` bytes.
+
+    An OSError names the file and keeps its errno, so that a retry policy still
+    tells transient errors apart.
+    """
+    try:
+        with open_inside(root, path, what) as file:
+            data = file.read(limit + 1)
+    except OSError as error:
+        if isinstance(error, ImageError):
+            raise
+        raise _with_context(error, f"reading {what} {path}") from error
     if len(data) > limit:
         raise TooLarge(f"{what} {path} is larger than the {limit}-byte limit")
     return data

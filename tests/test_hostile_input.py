@@ -101,8 +101,9 @@ def first_layer(image: Path) -> tuple[str, Path]:
 
 def storage_copy(source: str, destination: str) -> None:
     """The copy as the storage package does it, without Prefect, for the storage
-    half of each case: plan, blobs, read signatures, manifests, signatures, then
-    clean up, in the order the copy flow commits."""
+    half of each case: plan, blobs, read signatures, instance manifests, staged
+    signatures, the top-level manifest, installed signatures, then clean up, in
+    the order the copy flow commits."""
     plan = storage.plan_image(source)
     target = storage.DirImageDestination(destination)
     with storage.ImageLock(destination):
@@ -116,9 +117,13 @@ def storage_copy(source: str, destination: str) -> None:
             signatures[instance.digest] = reader.get_signatures(instance.digest)
         for instance in plan.instances:
             target.put_manifest(instance.data, instance.digest)
+        staged = {
+            instance: target.stage_signatures(instance_signatures, instance)
+            for instance, instance_signatures in signatures.items()
+        }
         target.put_manifest(plan.manifest, None, plan.layout_version)
-        for instance, instance_signatures in signatures.items():
-            target.put_signatures(instance_signatures, instance)
+        for instance, names in staged.items():
+            target.install_signatures(names, instance)
         target.remove_unused(plan.digests)
 
 
