@@ -1,5 +1,7 @@
 """Finding image folders under a root, linking blobs, and the mirror check."""
 
+import hashlib
+import io
 import os
 import shutil
 
@@ -126,6 +128,23 @@ def test_link_file_twice_leaves_no_temporary_file(tmp_path):
     link.link_file(str(source), str(target_folder / "blob"))
 
     assert os.listdir(target_folder) == ["blob"]
+
+
+def test_link_blob_of_a_sha512_blob_records_layout_1_2(tmp_path):
+    """Linking stores a blob as copying does, so a sha512 one moves a 1.1
+    folder on to 1.2, which its readers need for the `sha512-` name."""
+    data = b"a layer named by sha512"
+    digest = f"sha512:{hashlib.sha512(data).hexdigest()}"
+    donor = storage.DirImageDestination(str(tmp_path / "donor"))
+    donor.put_blob(digest, io.BytesIO(data), len(data))
+    target = tmp_path / "target"
+    storage.DirImageDestination(str(target))
+
+    transfer = link.link_blob(str(tmp_path / "donor"), str(target), digest, len(data))
+
+    assert transfer.action == link.LINKED
+    assert (target / "version").read_bytes() == version_text("1.2")
+    assert (target / f"sha512-{digest[7:]}").read_bytes() == data
 
 
 def test_plan_mirror_of_a_real_image(dir_images, tmp_path):
