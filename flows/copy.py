@@ -320,6 +320,8 @@ def commit_image(
     signatures = _read_signatures(source, plan, remove_signatures, read)
     for instance in plan.instances:
         tasks.put_manifest(destination, instance.data, instance.digest)
+    # TODO: A commit that fails after this leaves the staged files in place until
+    # the next copy's cleanup or a delete removes them.
     staged = tasks.image.stage_signatures(destination, list(signatures.items()))
     tasks.put_manifest(destination, plan.manifest, None, plan.layout_version)
     tasks.image.install_signatures(destination, staged)

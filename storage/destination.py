@@ -147,9 +147,9 @@ class DirImageDestination:
         self.layout_version = layout.read_layout_version(self.path)
         needed = self._version_for(data, layout_version)
         # 1.2 names every sha256 file as 1.1 does, so moving 1.1 on to 1.2 keeps
-        # the previous image readable and goes first. Any other change (from 1.0
-        # or 2016, or from 1.2 back to 1.1) would strand the previous image, so
-        # it waits for the new manifest.
+        # the previous image readable and goes first. Any other change waits for
+        # the new manifest: 1.0 and 2016 images keep layers as `.tar`, which 1.1
+        # does not name, and a reader of 1.1 need not know `sha512-` names.
         if self.layout_version == layout.VERSION_1_1:
             self.put_version(needed)
         write_atomically(layout.manifest_path(self.path), data)

@@ -4,10 +4,9 @@ mirrored image is already current.
 An image folder is a folder holding `manifest.json` that `image_layout_version`
 counts as an image: one with a version file, or whose manifest parses as an
 image manifest, so a web app or `docker save` output is never taken for one (nor
-pruned). The search never descends
-into an image folder (blobs are files, and a folder inside an image is not part
-of it) and never follows a symbolic link to a folder, so it cannot leave the
-root or loop.
+pruned). The search never descends into an image folder (blobs are files, and a
+folder inside an image is not part of it) and never follows a symbolic link to a
+folder, so it cannot leave the root or loop.
 """
 
 import os
