@@ -186,8 +186,10 @@ def _platform(text: str) -> str:
 def run_inspect(args) -> int:
     try:
         description = storage.describe_image(_strip_dir(args.image))
-    except storage.ImageError as error:
-        print(f"dirimage: {error}", file=sys.stderr)
+    except (storage.ImageError, OSError) as error:
+        # A folder that cannot be read as an image is the caller's to fix, like
+        # one that holds none: status 2, one line even for a path with a newline.
+        print(f"dirimage: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(description, indent=2))
     return EXIT_OK

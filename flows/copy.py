@@ -257,7 +257,9 @@ def copy_image(
     runners.check_runner(runner)
     storage.DirImageSource(source)
 
-    plan = tasks.plan_image(source, platform)
+    plan = _retrying(tasks.plan_image, retries, retry_delay, retry_jitter)(
+        source, platform
+    )
     storage.DirImageDestination(destination)
     # The lock stays in this process; tasks elsewhere only write verified blobs.
     with storage.ImageLock(destination):
@@ -276,7 +278,15 @@ def copy_image(
             )
         transfer_seconds = time.perf_counter() - transfer_started
 
-        signatures, removed = commit_image(source, destination, plan, remove_signatures)
+        signatures, removed = commit_image(
+            source,
+            destination,
+            plan,
+            remove_signatures,
+            retries=retries,
+            retry_delay=retry_delay,
+            retry_jitter=retry_jitter,
+        )
 
     copied = [t for t in transfers if t.action == COPIED]
     reused = [t for t in transfers if t.action == REUSED]
@@ -300,40 +310,66 @@ def copy_image(
 
 
 def commit_image(
-    source: str, destination: str, plan, remove_signatures: bool = False
+    source: str,
+    destination: str,
+    plan,
+    remove_signatures: bool = False,
+    retries: int = 0,
+    retry_delay: float = 1.0,
+    retry_jitter: float = 0.0,
 ) -> tuple[int, list[str]]:
     """Write what follows the blobs of a copy, the top-level manifest as commit.
 
-    Every signature is read first, so an unreadable one fails the copy before
-    anything is written. Then the instance manifests, the top-level manifest with
-    the layout version (the commit point), the signatures, and removal of the
-    previous image's unused files. Signatures follow the commit because they sign
-    a manifest: written earlier, they would replace the previous image's own
-    while its manifest is still in place, and a killed copy would lose them.
-    Every blob must be in place; the caller holds the lock. Returns the number of
-    top-level signatures and the names of removed files.
+    Every signature is read first, with `retries` for transient errors as the
+    blob copies have them, so an unreadable one fails the copy before anything
+    is written. Then the instance manifests, and the new signatures staged in
+    temporary files. Then the top-level manifest with the layout version, the
+    commit point, and right after it the staged signatures are renamed into
+    place. Signatures sign a manifest: in place before the commit, they would
+    replace the previous image's own while its manifest still stands, and a
+    copy killed then would lose them. Last, the previous image's unused files
+    are removed, temporary files of a killed copy among them. Every blob must be
+    in place; the caller holds the lock. Returns the number of top-level
+    signatures and the names of removed files.
     """
-    signatures = _read_signatures(source, plan, remove_signatures)
+    read = _retrying(tasks.get_signatures, retries, retry_delay, retry_jitter)
+    signatures = _read_signatures(source, plan, remove_signatures, read)
     for instance in plan.instances:
         tasks.put_manifest(destination, instance.data, instance.digest)
+    # TODO: A commit that fails after this leaves the staged files in place until
+    # the next copy's cleanup or a delete removes them.
+    staged = tasks.image.stage_signatures(destination, list(signatures.items()))
     tasks.put_manifest(destination, plan.manifest, None, plan.layout_version)
-    for instance, instance_signatures in signatures.items():
-        tasks.put_signatures(destination, instance_signatures, instance)
+    tasks.image.install_signatures(destination, staged)
     removed = tasks.remove_unused(destination, sorted(plan.digests))
     return len(signatures[None]), removed
 
 
+def _retrying(task, retries: int, retry_delay: float, retry_jitter: float):
+    """`task` with the retry policy of the blob copies: transient I/O errors only,
+    exponential backoff from `retry_delay`, `retry_jitter` spread."""
+    if retries <= 0:
+        return task.with_options(retries=0)
+    return task.with_options(
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(retry_delay),
+        retry_jitter_factor=retry_jitter if retry_jitter > 0 else None,
+        retry_condition_fn=tasks.retry_transient,
+    )
+
+
 def _read_signatures(
-    source, plan, remove_signatures: bool
+    source, plan, remove_signatures: bool, read=tasks.get_signatures
 ) -> dict[str | None, list[bytes]]:
-    """Top-level (key None) and per-instance signatures to write, by instance."""
+    """Top-level (key None) and per-instance signatures to write, by instance,
+    each read with the task `read`."""
 
-    def read(instance: str | None) -> list[bytes]:
-        return [] if remove_signatures else tasks.get_signatures(source, instance)
+    def signatures_of(instance: str | None) -> list[bytes]:
+        return [] if remove_signatures else read(source, instance)
 
-    signatures = {None: read(plan.signature_instance)}
+    signatures = {None: signatures_of(plan.signature_instance)}
     for instance in plan.instances:
-        signatures[instance.digest] = read(instance.digest)
+        signatures[instance.digest] = signatures_of(instance.digest)
     return signatures
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from storage import layout
 from storage.errors import NotAnImage
 from storage.lock import ImageLock
+from storage.source import image_layout_version
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,14 @@ def delete_image(path: str, wait: float = 0.0) -> DeleteResult:
 def check_deletable(path: str) -> None:
     """Raise `NotAnImage` unless `path` is a folder that `delete_image` may empty.
 
-    That is a folder holding an image (a `manifest.json` or a `version` file),
-    or only the lock and temporary files an interrupted delete leaves.
+    That is a folder holding an image by the rule of `image_layout_version` (a
+    `version` file, or a `manifest.json` that parses as an image manifest), or
+    only the lock and temporary files an interrupted delete leaves.
     """
     if os.path.islink(path) or not os.path.isdir(path):
         raise NotAnImage(f"refusing to delete {path}: it is not a folder")
     try:
-        layout.read_layout_version(path)
+        image_layout_version(path)
     except NotAnImage as error:
         if not _only_leftovers(path):
             raise NotAnImage(f"refusing to delete: {error}") from None

@@ -2,11 +2,13 @@
 
 import logging
 import os
+import stat
 from typing import BinaryIO
 
 from storage import layout
 from storage.digest import Digest, parse_digest
 from storage.errors import (
+    BlobNotFound,
     FolderNotEmpty,
     ImageError,
     InvalidManifest,
@@ -19,11 +21,14 @@ from storage.files import (
     hash_stream,
     open_inside,
     read_capped,
+    remove_quietly,
     write_atomically,
     write_blob_atomically,
+    write_temporary,
 )
 from storage.manifest import parse_manifest
-from storage.source import MANIFEST_SIZE_LIMIT
+from storage.plan import MAX_LIST_DEPTH
+from storage.source import MANIFEST_SIZE_LIMIT, image_layout_version
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +61,8 @@ class DirImageDestination:
             write_atomically(layout.version_path(self.path), layout.version_text("1.1"))
             fsync_folder(self.path)
         try:
-            self.layout_version = layout.read_layout_version(self.path)
-            if self.layout_version == layout.LEGACY_2016:
-                # Without a version file, only a manifest that parses says the
-                # folder is an image: `docker save` output has a manifest.json too.
-                parse_manifest(
-                    read_capped(
-                        self.path,
-                        layout.manifest_path(self.path),
-                        "manifest",
-                        MANIFEST_SIZE_LIMIT,
-                    )
-                )
-        except (NotAnImage, InvalidManifest, UnsafePath, TooLarge):
+            self.layout_version = image_layout_version(self.path)
+        except (NotAnImage, UnsafePath, TooLarge):
             raise FolderNotEmpty(
                 f"destination {self.path} is not empty and holds no dir: image; "
                 "refusing to write into it"
@@ -108,7 +102,21 @@ class DirImageDestination:
         fsync. On any failure nothing is left behind.
         """
         digest = parse_digest(digest)
+        self.prepare_name_for(digest)
         return write_blob_atomically(self.blob_path(digest), digest, stream, size)
+
+    def prepare_name_for(self, digest: "str | Digest") -> None:
+        """Record layout 1.2 before a file named by a non-sha256 digest is stored.
+
+        Only a folder at 1.1 is moved on: 1.2 names sha256 files as 1.1 does, so
+        the previous image stays readable. A folder of the 1.0 or 2016 layout
+        keeps its version until the commit (`put_manifest`), because its previous
+        image needs the old names until then.
+        """
+        if parse_digest(digest).algorithm == "sha256":
+            return
+        if self.layout_version == layout.VERSION_1_1:
+            self.put_version(layout.VERSION_1_2)
 
     def put_manifest(
         self,
@@ -118,33 +126,141 @@ class DirImageDestination:
     ) -> None:
         """Write the top-level manifest, or the manifest of list instance `instance`.
 
-        Writing the top-level manifest is the commit point of a copy, so the folder
-        is synced afterwards to make every earlier rename durable with it. With
-        `layout_version`, the version file is brought up to date just before.
+        Writing the top-level manifest is the commit point of a copy. The version
+        file is brought to what the new image needs: 1.2 when a digest of it (its
+        blobs and instances, read from the instance manifests already stored) is
+        not sha256, else 1.1, or `layout_version` when that asks for more. A
+        version that also reads the previous image is written before the
+        manifest, any other after it, so a process killed in between leaves a
+        folder that reads as the previous image or as the new one. The folder is
+        synced afterwards to make every earlier rename durable with the commit.
         """
-        digest = parse_digest(instance) if instance is not None else None
-        if layout_version is not None:
-            self.put_version(layout_version)
-        write_atomically(layout.manifest_path(self.path, digest), data)
-        if digest is None:
+        if instance is not None:
+            digest = parse_digest(instance)
+            self.prepare_name_for(digest)
+            write_atomically(layout.manifest_path(self.path, digest), data)
+            return
+
+        if layout_version not in (None, layout.VERSION_1_1, layout.VERSION_1_2):
+            raise ValueError(f"cannot write layout version {layout_version!r}")
+        # Another process may have moved the version on since this was opened.
+        self.layout_version = layout.read_layout_version(self.path)
+        needed = self._version_for(data, layout_version)
+        # 1.2 names every sha256 file as 1.1 does, so moving 1.1 on to 1.2 keeps
+        # the previous image readable and goes first. Any other change waits for
+        # the new manifest: 1.0 and 2016 images keep layers as `.tar`, which 1.1
+        # does not name, and a reader of 1.1 need not know `sha512-` names.
+        if self.layout_version == layout.VERSION_1_1:
+            self.put_version(needed)
+        write_atomically(layout.manifest_path(self.path), data)
+        fsync_folder(self.path)
+        if self.layout_version != needed:
+            self.put_version(needed)
             fsync_folder(self.path)
+
+    def _version_for(self, data: bytes, requested: str | None) -> str:
+        """The layout version the image of top-level manifest `data` needs."""
+        digests = self._digests_of(data, depth=1)
+        if digests is None:
+            # Bytes that are no manifest tell nothing: keep what is recorded.
+            deduced = (
+                None if layout.is_legacy(self.layout_version) else self.layout_version
+            )
+        else:
+            deduced = layout.layout_version_for(digests)
+        if layout.VERSION_1_2 in (requested, deduced):
+            return layout.VERSION_1_2
+        return layout.VERSION_1_1
+
+    def _digests_of(self, data: bytes, depth: int) -> list[str] | None:
+        """Every digest the manifest `data` names, down through the instance
+        manifests this folder holds; None when `data` is not a manifest."""
+        try:
+            manifest = parse_manifest(data)
+        except InvalidManifest:
+            return None
+        digests = [blob.digest for blob in manifest.blobs]
+        for entry in manifest.instances:
+            digests.append(entry.digest)
+            if depth >= MAX_LIST_DEPTH:
+                continue
+            path = layout.manifest_path(self.path, entry.digest)
+            try:
+                instance_data = read_capped(
+                    self.path, path, f"manifest of {entry.digest}", MANIFEST_SIZE_LIMIT
+                )
+            except ImageError:
+                continue
+            digests += self._digests_of(instance_data, depth + 1) or []
+        return digests
 
     def put_signatures(
         self, signatures: list[bytes], instance: "str | Digest | None" = None
     ) -> None:
         """Write `signatures` as signature-1..N and remove any numbered beyond N."""
-        digest = parse_digest(instance) if instance is not None else None
-        for number, signature in enumerate(signatures, start=1):
-            path = layout.signature_path(self.path, number, digest)
-            write_atomically(path, signature)
+        self.install_signatures(self.stage_signatures(signatures, instance), instance)
 
-        number = len(signatures) + 1
+    def stage_signatures(
+        self, signatures: list[bytes], instance: "str | Digest | None" = None
+    ) -> list[str]:
+        """Write `signatures` to temporary files in this folder, each flushed to
+        disk; returns their names, in order, for `install_signatures`.
+
+        Nothing of the image changes: a copy stages the new signatures before its
+        commit and installs them right after it. On failure the files staged so
+        far are removed; a process killed meanwhile leaves temporary files, which
+        `remove_unused` removes.
+        """
+        if instance is not None:
+            self.prepare_name_for(instance)
+        staged: list[str] = []
+        try:
+            for number, signature in enumerate(signatures, start=1):
+                path = write_temporary(self.path, signature, f"signature {number}")
+                staged.append(os.path.basename(path))
+        except BaseException:
+            for name in staged:
+                remove_quietly(os.path.join(self.path, name))
+            raise
+        return staged
+
+    def install_signatures(
+        self, staged: list[str], instance: "str | Digest | None" = None
+    ) -> None:
+        """Rename the files `stage_signatures` wrote into place as signature-1..N,
+        in order, then remove the numbered signatures beyond N."""
+        digest = parse_digest(instance) if instance is not None else None
+        sources = [self._staged_path(name) for name in staged]
+        for number, source in enumerate(sources, start=1):
+            os.replace(source, layout.signature_path(self.path, number, digest))
+
+        number = len(sources) + 1
         while True:
             stale = layout.signature_path(self.path, number, digest)
             if not os.path.lexists(stale):
                 break
             os.unlink(stale)
             number += 1
+        fsync_folder(self.path)
+
+    def _staged_path(self, name: str) -> str:
+        """The path of staged file `name`, which must be a temporary file of ours
+        directly in this folder: the name comes from the caller."""
+        if (
+            not isinstance(name, str)
+            or os.path.basename(name) != name
+            or not name.startswith(layout.TEMP_PREFIX)
+            or layout.layout_kind(name) != "temporary"
+        ):
+            raise UnsafePath(f"{name!r} is not a staged file of {self.path}")
+        path = os.path.join(self.path, name)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            raise BlobNotFound(f"staged signature {path} is missing") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafePath(f"staged signature {path} is not a regular file")
+        return path
 
     def put_version(self, version: str) -> None:
         """Record layout `version` ("1.1" or "1.2") unless it is already recorded."""

@@ -1,5 +1,8 @@
 """File primitives the layout relies on: confined opens, capped reads, atomic writes,
 and streaming a blob through its hash.
+
+Every temporary file starts with `TEMP_PREFIX`, so a later cleanup knows it as
+ours.
 """
 
 import errno
@@ -19,13 +22,18 @@ from storage.errors import (
     TooLarge,
     UnsafePath,
 )
-from storage.layout import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".dirimage-tmp-"
 
 # Large enough that hashing and syscalls cost little per byte, small enough that a
 # dozen parallel copies stay well under a hundred MiB of buffers.
 CHUNK_SIZE = 1024 * 1024
+
+
+# What opening a socket or a device node without a driver fails with.
+_NOT_A_FILE_ERRNOS = frozenset((errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP))
 
 
 def open_inside(root: str, path: str, what: str) -> BinaryIO:
@@ -47,9 +55,14 @@ def open_inside(root: str, path: str, what: str) -> BinaryIO:
     except FileNotFoundError:
         raise BlobNotFound(f"{what} is missing: {path}") from None
     except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        raise UnsafePath(f"{what} {path} changed into a link while opened") from None
+        if error.errno == errno.ELOOP:
+            raise UnsafePath(
+                f"{what} {path} changed into a link while opened"
+            ) from None
+        if error.errno in _NOT_A_FILE_ERRNOS:
+            # A socket, or a device with no driver behind it, fails to open.
+            raise UnsafePath(f"{what} {path} is not a regular file") from None
+        raise
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)
         raise UnsafePath(f"{what} {path} is not a regular file")
@@ -57,12 +70,45 @@ def open_inside(root: str, path: str, what: str) -> BinaryIO:
 
 
 def read_capped(root: str, path: str, what: str, limit: int) -> bytes:
-    """Read a whole small file, refusing one larger than `limit` bytes."""
-    with open_inside(root, path, what) as file:
-        data = file.read(limit + 1)
+    """Read a whole small file, refusing one larger than `limit` bytes.
+
+    An OSError names the file and keeps its errno, so that a retry policy still
+    tells transient errors apart.
+    """
+    try:
+        with open_inside(root, path, what) as file:
+            data = file.read(limit + 1)
+    except OSError as error:
+        if isinstance(error, ImageError):
+            raise
+        raise _with_context(error, f"reading {what} {path}") from error
     if len(data) > limit:
         raise TooLarge(f"{what} {path} is larger than the {limit}-byte limit")
     return data
+
+
+def _new_temporary(folder: str, data: bytes) -> str:
+    descriptor, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with open(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+    except BaseException:
+        remove_quietly(temporary)
+        raise
+    return temporary
+
+
+def write_temporary(folder: str, data: bytes, what: str) -> str:
+    """Write `what` (`data`) to a new temporary file in `folder`, flushed to disk,
+    and return its path, for the caller to rename into place. On any failure
+    nothing is left behind."""
+    try:
+        return _new_temporary(folder, data)
+    except OSError as error:
+        raise _with_context(error, f"writing {what} to {folder}") from error
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -71,17 +117,13 @@ def write_atomically(path: str, data: bytes) -> None:
     The bytes go to a temporary file beside `path`, are flushed to disk, and are
     renamed into place; on any failure the temporary file is removed.
     """
-    folder = os.path.dirname(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    temporary = None
     try:
-        with open(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
+        temporary = _new_temporary(os.path.dirname(path), data)
         os.replace(temporary, path)
     except BaseException as error:
-        _remove_quietly(temporary)
+        if temporary is not None:
+            remove_quietly(temporary)
         if isinstance(error, OSError):
             raise _with_context(error, f"writing {path}") from error
         raise
@@ -102,7 +144,8 @@ def fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Remove the file `path` if it is there."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -288,7 +331,7 @@ def write_blob_atomically(
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException as error:
-        _remove_quietly(temporary)
+        remove_quietly(temporary)
         if isinstance(error, OSError) and not isinstance(error, ImageError):
             # A full disk or a size limit says only "No space left on device";
             # name the blob and the place, keeping the errno for retry decisions.

@@ -10,19 +10,20 @@ The layout, as containers/image writes it:
   `<algorithm>-<hex>` for other algorithms; `<hex>.tar` in layouts before 1.1.
 - `signature-1`, `signature-2`, ...; `<hex>.signature-N` for instances.
 
-Every helper takes a validated `Digest`, so no caller can smuggle a path through.
+Every helper checks its digest again (a `Digest` or its text) before it builds a
+path, so no caller can smuggle a path through, however its digest was made.
 """
 
 import os
 import re
 
 from storage.digest import HEX_LENGTHS, Digest, parse_digest
-from storage.errors import NotAnImage
+from storage.errors import BlobNotFound, NotAnImage, TooLarge
+from storage.files import TEMP_PREFIX, read_capped
 
 VERSION_FILE = "version"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".dirimage.lock"
-TEMP_PREFIX = ".dirimage-tmp-"
 # containers/image names its own temporary blob files so; a killed skopeo leaves them.
 FOREIGN_TEMP_PREFIX = "dir-put-blob"
 
@@ -32,6 +33,8 @@ VERSION_1_1 = "1.1"
 VERSION_1_2 = "1.2"
 LEGACY_2016 = "2016"
 KNOWN_VERSIONS = (VERSION_1_0, VERSION_1_1, VERSION_1_2)
+# The known lines are 33 bytes; a version file much longer than that is not one.
+VERSION_SIZE_LIMIT = 64
 
 
 def version_text(version: str) -> bytes:
@@ -51,8 +54,9 @@ def is_legacy(version: str) -> bool:
     return version in (LEGACY_2016, VERSION_1_0)
 
 
-def digest_stem(digest: Digest) -> str:
+def digest_stem(digest: "Digest | str") -> str:
     """The part of a file name that a digest contributes."""
+    digest = parse_digest(digest)
     if digest.algorithm == "sha256":
         return digest.hex
     return f"{digest.algorithm}-{digest.hex}"
@@ -66,19 +70,21 @@ def lock_path(root: str) -> str:
     return os.path.join(root, LOCK_FILE)
 
 
-def manifest_path(root: str, instance: Digest | None = None) -> str:
+def manifest_path(root: str, instance: "Digest | str | None" = None) -> str:
     if instance is None:
         return os.path.join(root, MANIFEST_FILE)
     return os.path.join(root, f"{digest_stem(instance)}.{MANIFEST_FILE}")
 
 
-def blob_path(root: str, digest: Digest, version: str = VERSION_1_1) -> str:
+def blob_path(root: str, digest: "Digest | str", version: str = VERSION_1_1) -> str:
     if is_legacy(version):
-        return os.path.join(root, f"{digest.hex}.tar")
+        return os.path.join(root, f"{parse_digest(digest).hex}.tar")
     return os.path.join(root, digest_stem(digest))
 
 
-def signature_path(root: str, number: int, instance: Digest | None = None) -> str:
+def signature_path(
+    root: str, number: int, instance: "Digest | str | None" = None
+) -> str:
     """The path of signature `number`, counted from 1 as containers/image does."""
     if number < 1:
         raise ValueError(f"signature numbers start at 1, found {number}")
@@ -122,22 +128,25 @@ def layout_kind(name: str) -> str | None:
     return None
 
 
-def _open_nonblocking(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NONBLOCK)
-
-
 def read_layout_version(root: str) -> str:
     """The layout version of the image in `root`.
 
     Returns one of `KNOWN_VERSIONS`, or `LEGACY_2016` when there is no version file
     but there is a manifest. Raises `NotAnImage` when the folder holds neither, or a
-    version file this package does not understand.
+    version file this package does not understand, and `UnsafePath` when the
+    version file leads outside `root` or is not a regular file (a FIFO would
+    block). The message quotes the file only when it starts as a version line,
+    so no other bytes are ever echoed.
     """
+    path = version_path(root)
+    expected = (
+        f"expected {VERSION_PREFIX!r} followed by one of {', '.join(KNOWN_VERSIONS)}"
+    )
+    if os.path.isdir(path):
+        raise NotAnImage(f"{path} is a folder; expected a {VERSION_FILE} file")
     try:
-        # Non-blocking, so a FIFO planted as `version` reads as empty, not forever.
-        with open(version_path(root), "rb", opener=_open_nonblocking) as file:
-            content = file.read(256)
-    except FileNotFoundError:
+        content = read_capped(root, path, VERSION_FILE, VERSION_SIZE_LIMIT)
+    except BlobNotFound:
         if os.path.isfile(manifest_path(root)):
             return LEGACY_2016
         raise NotAnImage(
@@ -146,15 +155,16 @@ def read_layout_version(root: str) -> str:
         ) from None
     except NotADirectoryError:
         raise NotAnImage(f"{root} is not a folder") from None
-    except IsADirectoryError:
+    except TooLarge:
         raise NotAnImage(
-            f"{version_path(root)} is a folder; expected a {VERSION_FILE} file"
+            f"{path} is larger than {VERSION_SIZE_LIMIT} bytes; {expected}"
         ) from None
 
     for version in KNOWN_VERSIONS:
         if content == version_text(version):
             return version
+    if content.startswith(VERSION_PREFIX.encode()):
+        raise NotAnImage(f"{path} holds {content!r}; {expected}")
     raise NotAnImage(
-        f"{version_path(root)} holds {content[:60]!r}; expected "
-        f"{VERSION_PREFIX!r} followed by one of {', '.join(KNOWN_VERSIONS)}"
+        f"{path} does not hold a version line ({len(content)} bytes); {expected}"
     )

@@ -131,6 +131,7 @@ def link_blob(
     if same_file(donor_path, target_path):
         action = "reused"
     else:
+        target.prepare_name_for(parsed)
         try:
             method = link_file(donor_path, target_path)
         except OSError as error:

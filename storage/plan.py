@@ -79,24 +79,39 @@ def _digest_matches(data: bytes, digest: Digest) -> bool:
 
 
 def _single_image_platform(source: DirImageSource, manifest: Manifest, data: bytes):
-    """The os/architecture a single-image manifest declares, if it can be told."""
+    """The os/architecture a single-image manifest declares, if it can be told.
+
+    A platform field that is missing or not a string tells nothing: the image is
+    then one whose platform cannot be told, as one without a config would be.
+    """
     document = json.loads(data)
     if document.get("schemaVersion") == 1:
-        architecture = document.get("architecture")
-        return Platform("linux", architecture) if architecture else None
+        return _platform_of(
+            {"os": "linux", "architecture": document.get("architecture")}
+        )
     config = manifest.blobs[0]
     file, _ = source.get_blob(config.digest)
     with file:
         config_data = file.read(CONFIG_SIZE_LIMIT)
     try:
         config_document = json.loads(config_data)
-        return Platform(
-            config_document["os"],
-            config_document["architecture"],
-            config_document.get("variant"),
-        )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, RecursionError):
         return None
+    return _platform_of(config_document)
+
+
+def _platform_of(document) -> Platform | None:
+    if not isinstance(document, dict):
+        return None
+    os_name, architecture = document.get("os"), document.get("architecture")
+    variant = document.get("variant")
+    if not (isinstance(os_name, str) and os_name):
+        return None
+    if not (isinstance(architecture, str) and architecture):
+        return None
+    if variant is not None and not isinstance(variant, str):
+        return None
+    return Platform(os_name, architecture, variant or None)
 
 
 def _merge_blobs(groups) -> tuple[BlobRef, ...]:
@@ -186,7 +201,9 @@ def _collect_instances(
             continue
         try:
             data, instance = _read_instance(source, entry.digest)
-        except (BlobNotFound, DigestMismatch, InvalidManifest) as error:
+        except ImageError as error:
+            # Missing, corrupt, invalid, over the cap, or leading outside the
+            # folder: a check lists each of them and goes on.
             if strict:
                 raise
             problems.append(str(error))

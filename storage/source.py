@@ -5,13 +5,44 @@ from typing import BinaryIO
 
 from storage import layout
 from storage.digest import Digest, parse_digest
-from storage.errors import BlobNotFound, NotAnImage, TooLarge
+from storage.errors import (
+    BlobNotFound,
+    InvalidManifest,
+    NotAnImage,
+    TooLarge,
+    UnsafePath,
+)
 from storage.files import open_inside, read_capped
+from storage.manifest import parse_manifest
 
 # Manifests and signatures are small; a multi-megabyte one is damage or an attack.
 MANIFEST_SIZE_LIMIT = 4 * 1024 * 1024
 SIGNATURE_SIZE_LIMIT = 4 * 1024 * 1024
 SIGNATURE_COUNT_LIMIT = 1000
+
+
+def image_layout_version(path: str) -> str:
+    """The layout version of the image in folder `path`, by the one rule that tells
+    whether a folder holds an image at all.
+
+    A folder with a known `version` file holds an image. Without one, only a
+    `manifest.json` that parses as a known manifest makes it an image (the layout
+    of 2016): a web app's manifest.json, or the one `docker save` writes, does
+    not. Raises `NotAnImage` otherwise, and `UnsafePath` for a version file that
+    leads outside the folder. Deciding to write into, delete or prune a folder
+    goes through this.
+    """
+    version = layout.read_layout_version(path)
+    if version == layout.LEGACY_2016:
+        manifest = layout.manifest_path(path)
+        try:
+            parse_manifest(read_capped(path, manifest, "manifest", MANIFEST_SIZE_LIMIT))
+        except (InvalidManifest, BlobNotFound, TooLarge, UnsafePath) as error:
+            raise NotAnImage(
+                f"{path} is not a dir: image: it has no {layout.VERSION_FILE} file "
+                f"and its {layout.MANIFEST_FILE} is not an image manifest ({error})"
+            ) from None
+    return version
 
 
 class DirImageSource:

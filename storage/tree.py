@@ -1,10 +1,12 @@
 """Trees of images: finding the image folders under a root, and telling whether a
 mirrored image is already current.
 
-An image folder is a folder holding `manifest.json`. The search never descends
-into an image folder (blobs are files, and a folder inside an image is not part
-of it) and never follows a symbolic link to a folder, so it cannot leave the
-root or loop.
+An image folder is a folder holding `manifest.json` that `image_layout_version`
+counts as an image: one with a version file, or whose manifest parses as an
+image manifest, so a web app or `docker save` output is never taken for one (nor
+pruned). The search never descends into an image folder (blobs are files, and a
+folder inside an image is not part of it) and never follows a symbolic link to a
+folder, so it cannot leave the root or loop.
 """
 
 import os
@@ -14,16 +16,22 @@ from storage import layout
 from storage.digest import parse_digest
 from storage.errors import ImageError, NotAnImage
 from storage.plan import ImagePlan, plan_image
-from storage.source import DirImageSource
+from storage.source import DirImageSource, image_layout_version
 
 ROOT_IMAGE = "."
 
 
 def is_image_folder(path: str) -> bool:
-    """Whether `path` is a real folder (not a link to one) holding `manifest.json`."""
+    """Whether `path` is a real folder (not a link to one) holding an image."""
     if os.path.islink(path) or not os.path.isdir(path):
         return False
-    return os.path.lexists(layout.manifest_path(path))
+    if not os.path.lexists(layout.manifest_path(path)):
+        return False
+    try:
+        image_layout_version(path)
+    except (ImageError, OSError):
+        return False
+    return True
 
 
 def find_images(root: str) -> list[str]:

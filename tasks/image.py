@@ -17,6 +17,15 @@ from storage.transfer import BlobTransfer
 _SETTINGS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
+def _run_name(operation: str):
+    """A task run name: the operation, then the instance's digest or `top`."""
+
+    def name(parameters: dict) -> str:
+        return f"{operation}-{parameters.get('instance') or 'top'}"
+
+    return name
+
+
 def retry_transient(task, task_run, state) -> bool:
     """Retry condition: only I/O errors that a second attempt may cure.
 
@@ -48,7 +57,7 @@ def plan_image(
     return storage.plan_image(source, platform=platform, strict=strict)
 
 
-@task(name="get_manifest", task_run_name="get_manifest-{instance}", **_SETTINGS)
+@task(name="get_manifest", task_run_name=_run_name("get_manifest"), **_SETTINGS)
 def get_manifest(source: str, instance: str | None = None) -> bytes:
     """Read the top-level manifest of `source`, or that of list instance `instance`.
 
@@ -60,7 +69,7 @@ def get_manifest(source: str, instance: str | None = None) -> bytes:
     return storage.DirImageSource(source).get_manifest(instance)
 
 
-@task(name="put_manifest", task_run_name="put_manifest-{instance}", **_SETTINGS)
+@task(name="put_manifest", task_run_name=_run_name("put_manifest"), **_SETTINGS)
 def put_manifest(
     destination: str,
     data: bytes,
@@ -80,14 +89,14 @@ def put_manifest(
     destination_image.put_manifest(data, instance, layout_version)
 
 
-@task(name="get_signatures", task_run_name="get_signatures-{instance}", **_SETTINGS)
+@task(name="get_signatures", task_run_name=_run_name("get_signatures"), **_SETTINGS)
 def get_signatures(source: str, instance: str | None = None) -> list[bytes]:
     """Read the signatures of `source` (or of list instance `instance`), in order."""
     get_run_logger().info("Reading signatures %s of %s", instance or "top", source)
     return storage.DirImageSource(source).get_signatures(instance)
 
 
-@task(name="put_signatures", task_run_name="put_signatures-{instance}", **_SETTINGS)
+@task(name="put_signatures", task_run_name=_run_name("put_signatures"), **_SETTINGS)
 def put_signatures(
     destination: str, signatures: list[bytes], instance: str | None = None
 ) -> None:
@@ -99,6 +108,47 @@ def put_signatures(
         destination,
     )
     storage.DirImageDestination(destination).put_signatures(signatures, instance)
+
+
+@task(name="stage_signatures", **_SETTINGS)
+def stage_signatures(
+    destination: str, signatures: list[tuple[str | None, list[bytes]]]
+) -> list[tuple[str | None, list[str]]]:
+    """Write a copy's signatures to temporary files in `destination`, flushed to
+    disk, leaving the image as it is until `install_signatures`.
+
+    Args:
+        destination: Path of the image folder.
+        signatures: (instance, signatures) pairs, instance None for the
+            top-level signatures, else the digest of a list instance.
+
+    Returns:
+        The same pairs, with the names of the staged files for the bytes.
+    """
+    count = sum(len(instance_signatures) for _, instance_signatures in signatures)
+    get_run_logger().info("Staging %d signatures in %s", count, destination)
+    target = storage.DirImageDestination(destination)
+    return [
+        (instance, target.stage_signatures(instance_signatures, instance))
+        for instance, instance_signatures in signatures
+    ]
+
+
+@task(name="install_signatures", **_SETTINGS)
+def install_signatures(
+    destination: str, staged: list[tuple[str | None, list[str]]]
+) -> None:
+    """Rename the signatures `stage_signatures` wrote into place, per instance,
+    and remove the numbered ones beyond each new count.
+
+    Raises:
+        storage.UnsafePath: A name is not a temporary file of `destination`.
+        storage.BlobNotFound: A staged file is gone.
+    """
+    get_run_logger().info("Installing the staged signatures in %s", destination)
+    target = storage.DirImageDestination(destination)
+    for instance, names in staged:
+        target.install_signatures(names, instance)
 
 
 @task(name="copy_blob", task_run_name="copy_blob-{digest:.19}", **_SETTINGS)

@@ -4,13 +4,17 @@
 #   bash tests/run.sh            the whole suite, as CI runs it
 #   bash tests/run.sh -k copy    extra arguments go to pytest
 #
-# Installs the Debian packages the tests drive (skopeo, umoci, gnupg, chromium)
-# when run as root or with sudo, makes a virtualenv in .venv, installs the project
-# with its test extra, and runs pytest. Tests start and stop their own servers.
+# Installs the Debian packages the tests drive (skopeo, umoci, gnupg, chromium),
+# and python3-venv when `python3 -m venv` lacks the ensurepip it needs, when run as
+# root or with sudo; makes a virtualenv in .venv, installs the project with its
+# test extra, and runs pytest. Tests start and stop their own servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debian_packages=(skopeo umoci gnupg chromium util-linux)
+# Debian's python3 keeps ensurepip, without which `python3 -m venv` fails, in
+# python3-venv; a Python built elsewhere (pyenv, a container image) has its own.
+python3 -c 'import ensurepip' 2>/dev/null || debian_packages+=(python3-venv)
 missing=()
 for package in "${debian_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

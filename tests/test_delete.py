@@ -1,5 +1,7 @@
 """Deleting an image folder: exactly the layout files, refusing what is not ours."""
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +29,56 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
                 info.st_mtime_ns,
             )
     return snapshot
+
+
+def web_app_folder(folder: Path) -> Path:
+    """A web app's files: its manifest.json is a web app manifest."""
+    folder.mkdir(parents=True)
+    manifest = {
+        "name": "Shop",
+        "short_name": "Shop",
+        "start_url": "/",
+        "display": "standalone",
+        "icons": [{"src": "icon.png", "sizes": "192x192", "type": "image/png"}],
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (folder / "index.html").write_text("<!doctype html><title>Shop</title>\n")
+    return folder
+
+
+def docker_save_folder(folder: Path) -> Path:
+    """What `docker save` writes: a manifest.json that is a JSON array, a config
+    named by its hex, one folder per layer."""
+    folder.mkdir(parents=True)
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}'
+    config_hex = hashlib.sha256(config).hexdigest()
+    layer_hex = hashlib.sha256(b"layer").hexdigest()
+    (folder / f"{config_hex}.json").write_bytes(config)
+    (folder / layer_hex).mkdir()
+    (folder / layer_hex / "VERSION").write_text("1.0")
+    (folder / layer_hex / "json").write_text("{}")
+    (folder / layer_hex / "layer.tar").write_bytes(b"layer")
+    manifest = [
+        {
+            "Config": f"{config_hex}.json",
+            "RepoTags": ["shop:latest"],
+            "Layers": [f"{layer_hex}/layer.tar"],
+        }
+    ]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "repositories").write_text(json.dumps({"shop": {"latest": layer_hex}}))
+    return folder
+
+
+FOREIGN_FOLDERS = {"web-app": web_app_folder, "docker-save": docker_save_folder}
+
+
+def content_snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for folders)."""
+    return {
+        str(path.relative_to(root)): None if path.is_dir() else path.read_bytes()
+        for path in sorted(root.rglob("*"))
+    }
 
 
 def test_delete_removes_every_layout_file_and_the_folder(fresh_image):
@@ -81,6 +133,19 @@ def test_delete_refuses_a_folder_that_is_not_an_image(tmp_path):
         delete_image(str(folder))
 
     assert tree_snapshot(folder) == before
+
+
+@pytest.mark.parametrize("kind", FOREIGN_FOLDERS)
+def test_delete_refuses_a_folder_whose_manifest_json_is_not_an_image(tmp_path, kind):
+    """Without a version file, only a manifest that parses as an image manifest
+    makes a folder an image; a web app or `docker save` output is left whole."""
+    folder = FOREIGN_FOLDERS[kind](tmp_path / kind)
+    before = content_snapshot(folder)
+
+    with pytest.raises(storage.NotAnImage, match="manifest.json"):
+        delete_image(str(folder))
+
+    assert content_snapshot(folder) == before
 
 
 def test_delete_refuses_a_file_and_an_empty_folder(tmp_path):
@@ -153,6 +218,44 @@ def test_delete_image_flow_warns_about_unknown_files(fresh_image, prefect_api):
         for record in handler.records
     )
     assert delete_image_flow(str(image / "missing")).existed is False
+
+
+@pytest.mark.parametrize("kind", FOREIGN_FOLDERS)
+def test_delete_image_flow_refuses_a_foreign_manifest_json(tmp_path, prefect_api, kind):
+    from flows.delete import delete_image as delete_image_flow
+
+    folder = FOREIGN_FOLDERS[kind](tmp_path / kind)
+    before = content_snapshot(folder)
+
+    with pytest.raises(storage.NotAnImage):
+        delete_image_flow(str(folder))
+
+    assert content_snapshot(folder) == before
+
+
+@pytest.mark.parametrize("kind", FOREIGN_FOLDERS)
+def test_dirimage_delete_command_refuses_a_foreign_manifest_json(tmp_path, kind):
+    folder = FOREIGN_FOLDERS[kind](tmp_path / kind)
+    before = content_snapshot(folder)
+    environment = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    environment.pop("PREFECT_API_URL", None)
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "delete", f"dir:{folder}"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+
+    assert refused.returncode == 1
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dirimage: refusing to delete")
+    assert content_snapshot(folder) == before
 
 
 def test_dirimage_delete_command(fresh_image, tmp_path):

@@ -3,23 +3,31 @@ on failure, atomic manifests and signatures, and folders that are not ours."""
 
 import hashlib
 import io
+import json
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
+import storage.destination
 from storage import (
+    BlobNotFound,
+    Digest,
     DigestMismatch,
     DirImageDestination,
     DirImageSource,
     FolderNotEmpty,
+    InvalidDigest,
     NotAnImage,
     SizeMismatch,
+    UnsafePath,
+    check_image,
     plan_image,
 )
 from storage.files import CHUNK_SIZE
-from storage.layout import version_text
+from storage.layout import TEMP_PREFIX, version_text
+from storage.manifest import OCI_INDEX, OCI_MANIFEST
 
 VERSION_1_1 = b"Directory Transport Version: 1.1\n"
 
@@ -371,6 +379,88 @@ class TestManifestsAndSignatures:
         )
         assert DirImageSource(str(tmp_path)).get_signatures(first) == [b"A"]
 
+    def test_staged_signatures_change_nothing_until_installed(self, tmp_path):
+        """Staging writes temporary files beside the old signatures; installing
+        renames them into place and removes the numbered ones beyond."""
+        destination = DirImageDestination(str(tmp_path))
+        destination.put_signatures([b"old 1", b"old 2", b"old 3"])
+        before = snapshot(tmp_path)
+
+        staged = destination.stage_signatures([b"new 1", b"new 2"])
+
+        assert all(name.startswith(TEMP_PREFIX) for name in staged)
+        assert [(tmp_path / name).read_bytes() for name in staged] == [
+            b"new 1",
+            b"new 2",
+        ]
+        assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before
+
+        destination.install_signatures(staged)
+
+        assert listing(tmp_path) == ["signature-1", "signature-2", "version"]
+        assert DirImageSource(str(tmp_path)).get_signatures() == [b"new 1", b"new 2"]
+
+    def test_staged_instance_signatures_are_installed_for_their_instance(
+        self, tmp_path
+    ):
+        destination = DirImageDestination(str(tmp_path))
+        instance = sha256(b"instance")
+        destination.put_signatures([b"top"])
+
+        destination.install_signatures(
+            destination.stage_signatures([b"a", b"b"], instance), instance
+        )
+
+        source = DirImageSource(str(tmp_path))
+        assert source.get_signatures() == [b"top"]
+        assert source.get_signatures(instance) == [b"a", b"b"]
+
+    def test_a_failed_staging_leaves_no_temporary_file(self, tmp_path):
+        destination = DirImageDestination(str(tmp_path))
+        destination.put_signatures([b"old"])
+        with pytest.raises(TypeError):
+            destination.stage_signatures([b"good", "text, not bytes"])
+        assert listing(tmp_path) == ["signature-1", "version"]
+
+    @pytest.mark.parametrize(
+        "name",
+        ["signature-1", "manifest.json", "../outside", "version", "dir-put-blob1"],
+    )
+    def test_install_refuses_what_was_not_staged(self, tmp_path, name):
+        """Only temporary files of the folder itself are renamed into place."""
+        root = tmp_path / "image"
+        destination = DirImageDestination(str(root))
+        destination.put_signatures([b"kept"])
+        destination.put_manifest(b"{}")
+        (tmp_path / "outside").write_bytes(b"not ours")
+        before = snapshot(root)
+
+        with pytest.raises(UnsafePath):
+            destination.install_signatures([name])
+
+        assert snapshot(root) == before
+        assert (tmp_path / "outside").read_bytes() == b"not ours"
+
+    def test_install_of_a_missing_staged_file_changes_nothing(self, tmp_path):
+        destination = DirImageDestination(str(tmp_path))
+        destination.put_signatures([b"kept"])
+        staged = destination.stage_signatures([b"one"])
+        (tmp_path / staged[0]).unlink()
+        (tmp_path / f"{TEMP_PREFIX}folder").mkdir()
+
+        with pytest.raises(BlobNotFound):
+            destination.install_signatures(staged)
+        with pytest.raises(UnsafePath):
+            destination.install_signatures([f"{TEMP_PREFIX}folder"])
+
+        assert DirImageSource(str(tmp_path)).get_signatures() == [b"kept"]
+
+    def test_signatures_staged_by_a_killed_copy_are_removed_as_unused(self, tmp_path):
+        destination = DirImageDestination(str(tmp_path))
+        staged = destination.stage_signatures([b"one", b"two"])
+        assert sorted(destination.remove_unused(set())) == sorted(staged)
+        assert listing(tmp_path) == ["version"]
+
     def test_put_manifest_with_layout_1_2_for_sha512(self, tmp_path):
         """A sha512 image is recorded as layout 1.2, which readers then use."""
         destination = DirImageDestination(str(tmp_path))
@@ -390,6 +480,38 @@ class TestManifestsAndSignatures:
         destination = DirImageDestination(str(root))
         destination.put_manifest((root / "manifest.json").read_bytes(), None, "1.1")
         assert (root / "version").read_bytes() == VERSION_1_1
+
+    @pytest.mark.parametrize("hex_part", ["../x", "../image/../x", "absolute"])
+    def test_a_smuggled_digest_writes_and_deletes_nothing(self, tmp_path, hex_part):
+        """An instance Digest made around its constructor never becomes a path:
+        nothing beside the folder is written, and nothing there is deleted."""
+        root = tmp_path / "image"
+        destination = DirImageDestination(str(root))
+        (tmp_path / "x.signature-1").write_bytes(b"a file beside the image")
+        (tmp_path / "x.signature-2").write_bytes(b"another one")
+        before = {
+            path.name: path.read_bytes()
+            for path in tmp_path.iterdir()
+            if path.is_file()
+        }
+        if hex_part == "absolute":
+            hex_part = str(tmp_path / "x")
+        smuggled = Digest._make(("sha256", hex_part))
+
+        with pytest.raises(InvalidDigest):
+            destination.put_manifest(b"{}", smuggled)
+        with pytest.raises(InvalidDigest):
+            destination.put_signatures([b"signature"], smuggled)
+        with pytest.raises(InvalidDigest):
+            destination.put_blob(smuggled, io.BytesIO(b"blob"))
+
+        after = {
+            path.name: path.read_bytes()
+            for path in tmp_path.iterdir()
+            if path.is_file()
+        }
+        assert after == before
+        assert listing(root) == ["version"]
 
     @pytest.mark.parametrize("version", ["1.0", "2016", "1.3", ""])
     def test_put_version_refuses_versions_it_cannot_write(self, tmp_path, version):
@@ -460,3 +582,185 @@ class TestRemoveUnused:
         plan = plan_image(str(root))
         assert DirImageDestination(str(root)).remove_unused(plan.digests) == []
         assert snapshot(root) == before
+
+
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+DIGESTERS = {"sha256": sha256, "sha512": sha512}
+LAYOUT_OF = {"sha256": "1.1", "sha512": "1.2"}
+
+
+def descriptor(media_type: str, digest: str, size: int) -> dict:
+    return {"mediaType": media_type, "digest": digest, "size": size}
+
+
+def small_image(algorithm: str, seed: str) -> tuple[bytes, dict[str, bytes]]:
+    """An OCI manifest whose config and layer are named by `algorithm` digests,
+    and those blobs by digest."""
+    digest = DIGESTERS[algorithm]
+    config = json.dumps({"os": "linux", "architecture": "amd64", "seed": seed})
+    config = config.encode()
+    layer = f"layer of {seed}".encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, digest(config), len(config)),
+        "layers": [descriptor(OCI_LAYER, digest(layer), len(layer))],
+    }
+    return json.dumps(manifest).encode(), {digest(config): config, digest(layer): layer}
+
+
+def put_blobs(destination: DirImageDestination, blobs: dict[str, bytes]) -> None:
+    for digest, data in blobs.items():
+        destination.put_blob(digest, io.BytesIO(data), len(data))
+
+
+def written_image(root: Path, algorithm: str, seed: str) -> Path:
+    """A folder holding a whole small image written by the destination."""
+    manifest, blobs = small_image(algorithm, seed)
+    destination = DirImageDestination(str(root))
+    put_blobs(destination, blobs)
+    destination.put_manifest(manifest)
+    return root
+
+
+def assert_reads_as(root: Path, manifests: set[bytes]) -> None:
+    """The folder reads as the image of one of `manifests`, every blob intact."""
+    assert DirImageSource(str(root)).get_manifest() in manifests
+    assert check_image(str(root)) == []
+
+
+@pytest.fixture
+def previous_image(fresh_image, tmp_path):
+    """Return a function that gives a folder holding an image of a layout."""
+
+    def make(kind: str) -> Path:
+        if kind in ("legacy-1.0", "legacy-2016"):
+            return fresh_image(kind)
+        algorithm = "sha256" if kind == "1.1" else "sha512"
+        return written_image(tmp_path / kind, algorithm, "previous")
+
+    return make
+
+
+class Interrupted(BaseException):
+    """Stands for a SIGKILL between two renames of a commit."""
+
+
+def interrupt_after(monkeypatch, writes: int) -> None:
+    """Make the destination's file writes stop the process after `writes` of them."""
+    real_write = storage.destination.write_atomically
+    done = []
+
+    def write_atomically(path, data):
+        if len(done) == writes:
+            raise Interrupted(path)
+        real_write(path, data)
+        done.append(path)
+
+    monkeypatch.setattr(storage.destination, "write_atomically", write_atomically)
+
+
+class TestLayoutVersion:
+    """The version file follows what the image needs, by the destination's own
+    rule, and never strands the previous image."""
+
+    def test_a_sha512_blob_records_1_2_by_itself(self, tmp_path):
+        destination = DirImageDestination(str(tmp_path))
+        destination.put_blob(sha512(BLOB), io.BytesIO(BLOB), len(BLOB))
+        assert (tmp_path / "version").read_bytes() == version_text("1.2")
+        file, _ = DirImageSource(str(tmp_path)).get_blob(sha512(BLOB))
+        file.close()
+
+    def test_a_sha512_instance_manifest_records_1_2_by_itself(self, tmp_path):
+        destination = DirImageDestination(str(tmp_path))
+        destination.put_manifest(b"{}", sha512(b"instance"))
+        assert (tmp_path / "version").read_bytes() == version_text("1.2")
+
+    @pytest.mark.parametrize("kind", ["legacy-1.0", "legacy-2016"])
+    def test_a_sha512_blob_leaves_a_legacy_version_until_the_commit(
+        self, previous_image, kind
+    ):
+        """1.2 would hide the `.tar` layers of the previous image, so a legacy
+        folder keeps its version while the new blobs land."""
+        root = previous_image(kind)
+        before = (root / "version").read_bytes() if kind == "legacy-1.0" else None
+        manifest, blobs = small_image("sha512", "new")
+        put_blobs(DirImageDestination(str(root)), blobs)
+
+        if before is None:
+            assert not (root / "version").exists()
+        else:
+            assert (root / "version").read_bytes() == before
+        assert_reads_as(root, {(root / "manifest.json").read_bytes()})
+
+    @pytest.mark.parametrize("kind", ["1.1", "1.2", "legacy-1.0", "legacy-2016"])
+    @pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+    def test_commit_records_the_version_the_new_image_needs(
+        self, previous_image, kind, algorithm
+    ):
+        root = previous_image(kind)
+        manifest, blobs = small_image(algorithm, "new")
+        destination = DirImageDestination(str(root))
+        put_blobs(destination, blobs)
+
+        destination.put_manifest(manifest)
+
+        expected = LAYOUT_OF[algorithm]
+        assert (root / "version").read_bytes() == version_text(expected)
+        assert destination.layout_version == expected
+        assert plan_image(str(root)).layout_version == expected
+        destination.remove_unused(set(blobs))
+        assert_reads_as(root, {manifest})
+
+    def test_commit_reads_the_stored_instance_manifests_for_their_blobs(
+        self, previous_image
+    ):
+        """A list named by sha256 whose instance has sha512 blobs needs 1.2; the
+        destination finds them in the instance manifest it already holds."""
+        root = previous_image("legacy-1.0")
+        instance, blobs = small_image("sha512", "instance")
+        index = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": sha256(instance),
+                    "size": len(instance),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }
+            ],
+        }
+        destination = DirImageDestination(str(root))
+        put_blobs(destination, blobs)
+        destination.put_manifest(instance, sha256(instance))
+
+        destination.put_manifest(json.dumps(index).encode())
+
+        assert (root / "version").read_bytes() == version_text("1.2")
+        assert check_image(str(root)) == []
+
+    @pytest.mark.parametrize("kind", ["1.1", "1.2", "legacy-1.0", "legacy-2016"])
+    @pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+    @pytest.mark.parametrize("writes", [0, 1, 2])
+    def test_a_commit_stopped_between_any_two_writes_reads_as_one_image(
+        self, previous_image, monkeypatch, kind, algorithm, writes
+    ):
+        """Stopped before, between or after the version and manifest writes, the
+        folder reads as the previous image or as the new one, all blobs intact.
+        The version is passed as the copy flow passes it, from the plan."""
+        root = previous_image(kind)
+        previous = (root / "manifest.json").read_bytes()
+        manifest, blobs = small_image(algorithm, "new")
+        destination = DirImageDestination(str(root))
+        put_blobs(destination, blobs)
+        assert_reads_as(root, {previous})
+        interrupt_after(monkeypatch, writes)
+
+        try:
+            destination.put_manifest(manifest, None, LAYOUT_OF[algorithm])
+        except Interrupted:
+            pass
+
+        assert_reads_as(root, {previous, manifest})

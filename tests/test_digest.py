@@ -108,3 +108,39 @@ def test_digest_of_refuses_unknown_algorithms():
     """digest_of refuses algorithms the layout does not accept."""
     with pytest.raises(InvalidDigest, match="md5"):
         digest_of(b"hello", "md5")
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("sha256", "../x"),
+        ("sha256", "../" + "a" * 61),
+        ("sha256", SHA256_HEX.upper()),
+        ("md5", hashlib.md5(b"hello").hexdigest()),
+        ("sha256/..", SHA256_HEX),
+        ("", ""),
+        (5, None),
+    ],
+    ids=repr,
+)
+def test_digest_built_by_hand_is_validated(parts):
+    """Building a Digest directly checks its parts as parse_digest does."""
+    with pytest.raises(InvalidDigest):
+        Digest(*parts)
+
+
+@pytest.mark.parametrize(
+    "parts", [("sha256", "../x"), ("sha512", "/" + "a" * 127), (None, SHA256_HEX)]
+)
+def test_parse_digest_checks_a_digest_built_around_its_constructor(parts):
+    """A Digest made without its constructor (`_make`) is checked again."""
+    with pytest.raises(InvalidDigest):
+        parse_digest(Digest._make(parts))
+
+
+def test_a_valid_digest_survives_pickling():
+    """Task arguments are pickled; a digest comes back equal and still checked."""
+    import pickle
+
+    digest = parse_digest(f"sha512:{SHA512_HEX}")
+    assert pickle.loads(pickle.dumps(digest)) == digest

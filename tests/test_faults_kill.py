@@ -2,9 +2,13 @@
 
 Real `dirimage copy` processes are killed at points drawn from a seeded generator
 (after a share of the blobs has landed), and at exact points of the commit (a
-process that kills itself there). After each kill the destination's previous image
-is still whole and readable by skopeo, no blob file holds bytes other than its name
-says, and a rerun finishes the copy, copying only what was missing.
+process that kills itself there: before, inside and after the manifest write,
+around the version write, between the commit and the signatures, before the
+cleanup). Before the commit the destination's previous image is still whole and
+readable by skopeo; after it, the new one is. At every point our own reader and
+check_image accept the folder as one image or the other, no blob file holds bytes
+other than its name says, and a rerun finishes the copy, copying only what was
+missing.
 """
 
 import json
@@ -123,6 +127,8 @@ from flows.cli import main
 point = sys.argv[1]
 Destination = destination.DirImageDestination
 original_put_manifest = Destination.put_manifest
+original_put_version = Destination.put_version
+original_install_signatures = Destination.install_signatures
 original_remove_unused = Destination.remove_unused
 
 
@@ -143,6 +149,20 @@ def put_manifest(self, data, instance=None, layout_version=None):
     return original_put_manifest(self, data, instance, layout_version)
 
 
+def put_version(self, version):
+    if point == "before-version":
+        die()
+    original_put_version(self, version)
+    if point == "after-version":
+        die()
+
+
+def install_signatures(self, staged, instance=None):
+    if point == "before-signatures":
+        die()
+    return original_install_signatures(self, staged, instance)
+
+
 def remove_unused(self, keep):
     if point == "before-cleanup":
         die()
@@ -150,9 +170,25 @@ def remove_unused(self, keep):
 
 
 Destination.put_manifest = put_manifest
+Destination.put_version = put_version
+Destination.install_signatures = install_signatures
 Destination.remove_unused = remove_unused
 sys.exit(main(["copy", *sys.argv[2:]]))
 """
+
+
+def copy_killed_at(point: str, source: Path, destination: Path, env: dict) -> None:
+    """Run `dirimage copy` that kills itself at `point` of the commit."""
+    result = subprocess.run(
+        [sys.executable, "-c", SELF_KILL_SCRIPT, point, str(source), str(destination)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -165,16 +201,7 @@ def test_kill_during_commit(point, fresh_image, previous_image, tmp_path, cli_en
     previous_blobs = {path.name for path in imagekit.blob_files(destination)}
     source_manifest = (source / "manifest.json").read_bytes()
 
-    result = subprocess.run(
-        [sys.executable, "-c", SELF_KILL_SCRIPT, point, str(source), str(destination)],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == -signal.SIGKILL, result.stderr
+    copy_killed_at(point, source, destination, cli_env)
 
     committed = point == "before-cleanup"
     expected = source_manifest if committed else previous_manifest
@@ -203,18 +230,8 @@ def test_kill_before_commit_keeps_the_previous_signatures(
     before = {p.name: p.read_bytes() for p in destination.iterdir()}
     source = fresh_image("oci")
 
-    result = subprocess.run(
-        [sys.executable, "-c", SELF_KILL_SCRIPT, "before-manifest"]
-        + [str(source), str(destination)],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-        check=False,
-    )
+    copy_killed_at("before-manifest", source, destination, cli_env)
 
-    assert result.returncode == -signal.SIGKILL, result.stderr
     for name, content in before.items():
         assert (destination / name).read_bytes() == content, f"{name} changed"
     signed = imagekit.read_signing_info(dir_images["signed"])
@@ -245,3 +262,78 @@ def test_unreadable_source_signature_keeps_the_previous_signatures(
     assert "limit" in result.stderr and len(result.stderr.splitlines()) == 1
     for name, content in before.items():
         assert (destination / name).read_bytes() == content, f"{name} changed"
+
+
+def test_kill_between_commit_and_signatures_is_repaired_by_the_rerun(
+    fresh_image, dir_images, tmp_path, cli_env
+):
+    """The new signatures wait in fsynced temporary files during the commit and
+    are renamed into place right after it. A kill in between leaves the new
+    manifest beside the previous image's signatures, a folder our reader takes
+    for the new image; the rerun installs the right signatures, removes the
+    surplus and the killed copy's temporary files."""
+    source = dir_images["signed"]
+    destination = fresh_image("oci")
+    old_signatures = [f"previous signature {n}\n".encode() for n in (1, 2, 3)]
+    for number, content in enumerate(old_signatures, start=1):
+        (destination / f"signature-{number}").write_bytes(content)
+    new_signatures = storage.DirImageSource(str(source)).get_signatures()
+    assert len(new_signatures) == 2
+
+    copy_killed_at("before-signatures", source, destination, cli_env)
+
+    assert (destination / "manifest.json").read_bytes() == (
+        source / "manifest.json"
+    ).read_bytes()
+    assert storage.DirImageSource(str(destination)).get_signatures() == old_signatures
+    staged = faultkit.temporary_files(destination)
+    assert sorted((destination / name).read_bytes() for name in staged) == sorted(
+        new_signatures
+    )
+    assert faultkit.corrupt_blobs(destination) == []
+    assert storage.check_image(str(destination)) == []
+
+    summary = rerun(cli_env, source, destination)
+
+    assert summary["signatures"] == 2
+    assert storage.DirImageSource(str(destination)).get_signatures() == new_signatures
+    assert not (destination / "signature-3").exists()
+    assert faultkit.temporary_files(destination) == []
+    signed = imagekit.read_signing_info(source)
+    assert imagekit.verify_signature(
+        signed.gnupghome,
+        destination / "manifest.json",
+        signed.identity,
+        signed.fingerprint,
+        destination / "signature-1",
+    )
+    imagekit.skopeo_accepts(destination, tmp_path / "skopeo-after-rerun")
+
+
+@pytest.mark.parametrize("point", ["before-version", "after-version"])
+@pytest.mark.parametrize("kind", ["legacy-1.0", "legacy-2016"])
+def test_kill_around_the_version_write_of_a_legacy_upgrade(
+    point, kind, fresh_image, tmp_path, cli_env
+):
+    """Copying over a 1.0 or 2016 image records version 1.1. Killed just before
+    or just after that write, the folder reads as the previous image (its `.tar`
+    layers found) or as the new one, never as neither; the rerun finishes."""
+    destination = fresh_image(kind)
+    previous_manifest = (destination / "manifest.json").read_bytes()
+    source = fresh_image("oci")
+    source_manifest = (source / "manifest.json").read_bytes()
+
+    copy_killed_at(point, source, destination, cli_env)
+
+    manifest = storage.DirImageSource(str(destination)).get_manifest()
+    assert manifest in (previous_manifest, source_manifest)
+    assert storage.check_image(str(destination)) == []
+    assert faultkit.corrupt_blobs(destination) == []
+    if manifest == source_manifest:
+        imagekit.skopeo_accepts(destination, tmp_path / "skopeo-after-kill")
+
+    rerun(cli_env, source, destination)
+
+    assert (destination / "version").read_bytes() == faultkit.VERSION_1_1
+    assert not list(destination.glob("*.tar"))
+    assert_image_whole(destination, source_manifest, tmp_path / "skopeo-after-rerun")

@@ -69,8 +69,9 @@ def assert_previous_image_intact(folder: Path, before: dict[str, bytes]) -> None
     assert not [name for name in after if name.startswith(".dirimage-tmp")]
 
 
-def copy_attempts(flow_run_id) -> dict[str, int]:
-    """How often each blob-copying task of a flow run started, from the API."""
+def copy_attempts(flow_run_id, prefix: str = "copy_blob") -> dict[str, int]:
+    """How often each task of a flow run whose name starts with `prefix` (the
+    blob copies by default) started, from the API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -83,7 +84,7 @@ def copy_attempts(flow_run_id) -> dict[str, int]:
             task_runs = [
                 run
                 for run in client.read_task_runs(flow_run_filter=runs_filter)
-                if run.name.startswith("copy_blob")
+                if run.name.startswith(prefix)
             ]
             finished = [run.state and run.state.is_final() for run in task_runs]
             if task_runs and all(finished):
@@ -140,6 +141,27 @@ def test_copy_flow_fails_on_the_first_attempt(
     assert attempts and all(count == 1 for count in attempts.values()), attempts
     assert_previous_image_intact(destination, before)
     imagekit.skopeo_accepts(destination, tmp_path / "skopeo")
+
+
+def test_invalid_manifest_fails_the_plan_on_the_first_attempt(
+    fresh_image, prefect_api, tmp_path
+):
+    """The plan has the blob copies' retries, for transient errors only: a
+    manifest that does not parse fails its first and only attempt."""
+    from flows.copy import copy_image
+
+    source = fresh_image("oci")
+    (source / "manifest.json").write_bytes(b'{"schemaVersion": 2,')
+
+    state = copy_image(
+        str(source), str(tmp_path / "copy"), retries=3, retry_delay=0, return_state=True
+    )
+
+    assert state.is_failed()
+    with pytest.raises(storage.InvalidManifest):
+        state.result()
+    attempts = copy_attempts(state.state_details.flow_run_id, prefix="plan_image")
+    assert list(attempts.values()) == [1], attempts
 
 
 def test_blob_replaced_between_planning_and_copying(fresh_image, tmp_path):

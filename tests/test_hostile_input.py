@@ -101,8 +101,9 @@ def first_layer(image: Path) -> tuple[str, Path]:
 
 def storage_copy(source: str, destination: str) -> None:
     """The copy as the storage package does it, without Prefect, for the storage
-    half of each case: plan, blobs, read signatures, manifests, signatures, then
-    clean up, in the order the copy flow commits."""
+    half of each case: plan, blobs, read signatures, instance manifests, staged
+    signatures, the top-level manifest, installed signatures, then clean up, in
+    the order the copy flow commits."""
     plan = storage.plan_image(source)
     target = storage.DirImageDestination(destination)
     with storage.ImageLock(destination):
@@ -116,9 +117,13 @@ def storage_copy(source: str, destination: str) -> None:
             signatures[instance.digest] = reader.get_signatures(instance.digest)
         for instance in plan.instances:
             target.put_manifest(instance.data, instance.digest)
+        staged = {
+            instance: target.stage_signatures(instance_signatures, instance)
+            for instance, instance_signatures in signatures.items()
+        }
         target.put_manifest(plan.manifest, None, plan.layout_version)
-        for instance, instance_signatures in signatures.items():
-            target.put_signatures(instance_signatures, instance)
+        for instance, names in staged.items():
+            target.install_signatures(names, instance)
         target.remove_unused(plan.digests)
 
 
@@ -218,6 +223,14 @@ def _fifo_blob(image: Path, _outside: Path) -> None:
 def _fifo_version(image: Path, _outside: Path) -> None:
     (image / "version").unlink()
     os.mkfifo(image / "version")
+
+
+def _version_link_outside(image: Path, outside: Path) -> None:
+    # The outside file holds a valid version line: only the place is wrong.
+    secret = outside / "secret-version"
+    shutil.copyfile(image / "version", secret)
+    (image / "version").unlink()
+    (image / "version").symlink_to(secret)
 
 
 def _oversize_signature(image: Path, _outside: Path) -> None:
@@ -366,8 +379,15 @@ SOURCE_CASES = [
         "version-is-fifo",
         "oci",
         _fifo_version,
-        storage.NotAnImage,
-        "version holds b''",
+        storage.UnsafePath,
+        "is not a regular file",
+    ),
+    SourceCase(
+        "version-symlink-outside",
+        "oci",
+        _version_link_outside,
+        storage.UnsafePath,
+        "points outside the image",
     ),
     SourceCase(
         "signature-over-cap",
@@ -394,6 +414,7 @@ CLI_CASES = [
     "instance-digest-upper-case",
     "blob-symlink-outside",
     "version-is-fifo",
+    "version-symlink-outside",
     "too-many-signatures",
 ]
 CASES_BY_NAME = {case.name: case for case in SOURCE_CASES}

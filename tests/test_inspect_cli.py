@@ -3,6 +3,7 @@ never imports Prefect."""
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,43 @@ def test_not_an_image_exits_2_with_one_line(tmp_path, case):
     assert len(lines) == 1, completed.stderr
     assert lines[0].startswith("dirimage: ")
     assert str(path) in lines[0]
+
+
+def assert_one_line_usage_error(completed, *needles: str) -> None:
+    assert completed.returncode == 2, completed
+    assert completed.stdout == ""
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("dirimage: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_path_with_a_newline_gives_one_line(tmp_path):
+    """A path holding a newline is still reported on a single line."""
+    folder = tmp_path / "two\nlines"
+    folder.mkdir()
+    assert_one_line_usage_error(run_inspect(folder), "two lines")
+
+
+def test_version_linked_to_a_terminal_is_refused_in_one_line(fresh_image):
+    """A version file that is a link to /dev/tty is outside the image: refused
+    with status 2, never opened."""
+    path = fresh_image("oci")
+    (path / "version").unlink()
+    (path / "version").symlink_to("/dev/tty")
+    assert_one_line_usage_error(run_inspect(path), "points outside the image")
+
+
+def test_version_that_is_a_socket_is_refused_in_one_line(fresh_image):
+    """Opening a socket file fails with an OSError of its own; it is reported as
+    a file that is not a regular one, with status 2."""
+    path = fresh_image("oci")
+    (path / "version").unlink()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path / "version"))
+        completed = run_inspect(path)
+    assert_one_line_usage_error(completed, "not a regular file")
 
 
 def test_inspect_does_not_import_prefect(dir_images):

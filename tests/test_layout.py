@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from storage import NotAnImage, parse_digest
+from storage import Digest, InvalidDigest, NotAnImage, UnsafePath, parse_digest
 from storage.layout import (
     LEGACY_2016,
     blob_path,
@@ -23,6 +23,7 @@ from storage.layout import (
 ROOT = "/images/app"
 SHA256_HEX = hashlib.sha256(b"layer").hexdigest()
 SHA512_HEX = hashlib.sha512(b"layer").hexdigest()
+VERSION_PREFIX = b"Directory Transport Version: "
 SHA256 = parse_digest(f"sha256:{SHA256_HEX}")
 SHA512 = parse_digest(f"sha512:{SHA512_HEX}")
 
@@ -84,6 +85,25 @@ def test_signature_path_refuses_numbers_below_one(number):
     """Signature 0 (or below) does not exist in the layout."""
     with pytest.raises(ValueError, match=str(number)):
         signature_path(ROOT, number)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [("sha256", "../x"), ("sha256", "../../etc/passwd"), ("sha512", "a/" + "b" * 126)],
+)
+def test_path_helpers_refuse_a_digest_built_around_its_constructor(parts):
+    """However a Digest was made, the helpers check it before it becomes a path."""
+    digest = Digest._make(parts)
+    helpers = [
+        lambda: blob_path(ROOT, digest),
+        lambda: blob_path(ROOT, digest, "1.0"),
+        lambda: manifest_path(ROOT, digest),
+        lambda: signature_path(ROOT, 1, digest),
+        lambda: digest_stem(digest),
+    ]
+    for helper in helpers:
+        with pytest.raises(InvalidDigest):
+            helper()
 
 
 def test_layout_version_for_picks_1_2_only_for_other_algorithms():
@@ -174,14 +194,65 @@ def test_read_layout_version_without_version_file_is_2016(tmp_path):
         b"garbage",
         b"",
         b"\0" * 300,
+        VERSION_PREFIX + b"1.1\n" + b" " * 100_000,
     ],
-    ids=repr,
+    ids=lambda content: repr(content[:40]),
 )
 def test_read_layout_version_refuses_garbage(tmp_path, content):
     """A version file with anything but a known line is not an image."""
     (tmp_path / "version").write_bytes(content)
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(NotAnImage, match="version"):
+        read_layout_version(str(tmp_path))
+
+
+def test_read_layout_version_names_a_wrong_version_but_echoes_no_other_bytes(
+    tmp_path,
+):
+    """A version line of an unknown version is quoted; other content is not."""
+    (tmp_path / "version").write_bytes(b"Directory Transport Version: 9.9\n")
+    with pytest.raises(NotAnImage, match="9.9"):
+        read_layout_version(str(tmp_path))
+
+    (tmp_path / "version").write_bytes(b"password=hunter2\n")
+    with pytest.raises(NotAnImage) as caught:
+        read_layout_version(str(tmp_path))
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "content", [b"password=hunter2\n", version_text("1.1")], ids=["secret", "valid"]
+)
+def test_read_layout_version_refuses_a_link_outside_and_echoes_nothing(
+    tmp_path, content
+):
+    """A version file that links outside the folder is refused, whatever the file
+    it points to holds, and none of that file's bytes reach the message."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(content)
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "manifest.json").write_text("{}")
+    (image / "version").symlink_to(outside)
+
+    with pytest.raises(UnsafePath, match="outside the image") as caught:
+        read_layout_version(str(image))
+
+    assert "hunter2" not in str(caught.value)
+    assert "Transport" not in str(caught.value)
+
+
+def test_read_layout_version_follows_a_link_inside_the_folder(tmp_path):
+    """A version file may be a link to another file of the same folder."""
+    (tmp_path / "version-file").write_bytes(version_text("1.1"))
+    (tmp_path / "version").symlink_to("version-file")
+    assert read_layout_version(str(tmp_path)) == "1.1"
+
+
+def test_read_layout_version_refuses_a_fifo_without_blocking(tmp_path):
+    """A FIFO in place of the version file is refused, never read."""
+    os.mkfifo(tmp_path / "version")
+    with pytest.raises(UnsafePath, match="not a regular file"):
         read_layout_version(str(tmp_path))
 
 

@@ -14,6 +14,8 @@ from storage import (
     DigestMismatch,
     DirImageDestination,
     NotAnImage,
+    TooLarge,
+    UnsafePath,
     check_image,
     parse_manifest,
     plan_image,
@@ -22,6 +24,11 @@ from storage import (
 from storage.manifest import (
     OCI_MANIFEST,
 )
+from storage.source import MANIFEST_SIZE_LIMIT
+
+
+def sha256_of(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 def blob_digests_on_disk(path: Path) -> set[str]:
@@ -161,6 +168,56 @@ class TestPlanImage:
         assert [b.digest for b in plan.blobs] == [config_digest, layer_digest]
         assert check_image(str(tmp_path)) == []
 
+    @pytest.mark.parametrize(
+        "config",
+        [
+            b'{"os": 5, "architecture": "amd64"}',
+            b'{"os": "linux", "architecture": ["amd64"]}',
+            b'{"os": "linux", "architecture": "amd64", "variant": 8}',
+            b'{"os": null, "architecture": {}}',
+            b"[" * 100_000 + b"]" * 100_000,
+        ],
+        ids=["os-number", "arch-list", "variant-number", "null-os", "deep-json"],
+    )
+    def test_platform_of_a_config_with_wrong_types_is_unknown(self, tmp_path, config):
+        """A config whose platform fields are not strings tells no platform: the
+        single image is planned as one whose platform cannot be told."""
+        layer = b"layer"
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"digest": sha256_of(config), "size": len(config)},
+            "layers": [{"digest": sha256_of(layer), "size": len(layer)}],
+        }
+        destination = DirImageDestination(str(tmp_path))
+        destination.put_blob(sha256_of(config), io.BytesIO(config))
+        destination.put_blob(sha256_of(layer), io.BytesIO(layer))
+        destination.put_manifest(json.dumps(manifest).encode())
+
+        plan = plan_image(str(tmp_path), platform="linux/amd64")
+
+        assert [blob.digest for blob in plan.blobs][0] == sha256_of(config)
+
+    @pytest.mark.parametrize("architecture", [5, ["amd64"], None, ""])
+    def test_platform_of_a_schema1_manifest_with_a_wrong_architecture(
+        self, tmp_path, architecture
+    ):
+        """Schema 1 keeps its architecture in the manifest; a wrong type there
+        tells no platform either."""
+        layer = b"layer"
+        manifest = {
+            "schemaVersion": 1,
+            "architecture": architecture,
+            "fsLayers": [{"blobSum": sha256_of(layer)}],
+        }
+        destination = DirImageDestination(str(tmp_path))
+        destination.put_blob(sha256_of(layer), io.BytesIO(layer))
+        destination.put_manifest(json.dumps(manifest).encode())
+
+        plan = plan_image(str(tmp_path), platform="linux/arm64")
+
+        assert [blob.digest for blob in plan.blobs] == [sha256_of(layer)]
+
     def test_missing_instance_raises_when_strict(self, fresh_image):
         """A missing instance manifest fails a strict plan, naming the instance."""
         path = fresh_image("index")
@@ -266,6 +323,33 @@ class TestCheckImage:
         problems = check_image(str(path))
         assert len(problems) == 2
         assert blobs[0].digest in problems[0] and blobs[-1].digest in problems[1]
+
+    @pytest.mark.parametrize("damage", ["link-outside", "over-the-cap", "fifo"])
+    def test_unreadable_instance_manifest_is_a_problem(self, fresh_image, damage):
+        """An instance manifest that leads outside the image, is over the size
+        cap or is not a regular file is listed, not raised; a strict plan raises."""
+        path = fresh_image("index")
+        digest, instance_file = sorted(instance_files(path).items())[0]
+        if damage == "link-outside":
+            outside = path.parent / "outside.manifest.json"
+            outside.write_bytes(instance_file.read_bytes())
+            instance_file.unlink()
+            instance_file.symlink_to(outside)
+            expected, error = "points outside the image", UnsafePath
+        elif damage == "over-the-cap":
+            instance_file.write_bytes(b" " * (MANIFEST_SIZE_LIMIT + 1))
+            expected, error = "limit", TooLarge
+        else:
+            instance_file.unlink()
+            os.mkfifo(instance_file)
+            expected, error = "not a regular file", UnsafePath
+
+        problems = check_image(str(path))
+
+        assert len(problems) == 1
+        assert digest in problems[0] and expected in problems[0]
+        with pytest.raises(error):
+            plan_image(str(path))
 
     def test_verify_blob_ignores_a_missing_optional_blob(self, tmp_path):
         """A non-distributable blob that is absent is not a problem."""

@@ -77,6 +77,52 @@ def test_parse_digest_raises_only_invalid_digest_or_gives_safe_paths(text):
         assert layout.layout_kind(os.path.basename(path)) == kind, path
 
 
+def path_helpers(digest) -> list[tuple[object, str]]:
+    """Each path helper bound to `digest`, with the layout kind its name must be."""
+    return [
+        (lambda: layout.blob_path(ROOT, digest), "blob"),
+        (lambda: layout.blob_path(ROOT, digest, layout.VERSION_1_2), "blob"),
+        (lambda: layout.manifest_path(ROOT, digest), "instance-manifest"),
+        (lambda: layout.signature_path(ROOT, 3, digest), "instance-signature"),
+    ]
+
+
+algorithm_parts = st.one_of(
+    st.text(max_size=10), st.sampled_from(sorted(HEX_LENGTHS) + ["md5", "../sha256"])
+)
+hex_parts = st.one_of(
+    st.text(max_size=140),
+    st.text(st.sampled_from("0123456789abcdef./\\\x00"), max_size=130),
+    st.builds(lambda n: "0" * n, st.sampled_from([64, 128])),
+)
+
+
+@PROPERTY_SETTINGS
+@given(algorithm_parts, hex_parts)
+def test_digest_of_any_parts_is_refused_or_names_a_file_inside(algorithm, hex_part):
+    """A Digest built from any two strings, by its constructor or around it, is
+    refused by every path helper with InvalidDigest, or names a layout file
+    directly inside the folder."""
+    try:
+        built = Digest(algorithm, hex_part)
+    except InvalidDigest:
+        built = None
+    smuggled = Digest._make((algorithm, hex_part))
+
+    for digest in (built, smuggled):
+        if digest is None:
+            continue
+        for helper, kind in path_helpers(digest):
+            try:
+                path = helper()
+            except InvalidDigest:
+                assert built is None, f"{built!r} is valid yet was refused"
+                continue
+            assert built is not None, f"{digest!r} is invalid yet named {path}"
+            assert_inside_root(path)
+            assert layout.layout_kind(os.path.basename(path)) == kind, path
+
+
 @PROPERTY_SETTINGS
 @given(st.none() | st.integers() | st.floats() | st.binary() | st.lists(st.text()))
 def test_parse_digest_rejects_values_that_are_not_text(value):

@@ -1,20 +1,27 @@
 """Finding image folders under a root, linking blobs, and the mirror check."""
 
+import hashlib
+import io
 import os
 import shutil
 
 import pytest
+from test_delete import FOREIGN_FOLDERS, content_snapshot
 
 import storage
 from storage import link
+from storage.layout import version_text
 from storage.tree import ROOT_IMAGE, find_images, holds_image, plan_mirror
 
 
 def make_fake_image(folder) -> None:
-    """A folder that the tree search counts as an image: it has manifest.json."""
+    """A folder that the tree search counts as an image: a version file and a
+    manifest.json (whose content only a copy would read)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "manifest.json"), "w") as file:
         file.write("{}")
+    with open(os.path.join(folder, "version"), "wb") as file:
+        file.write(version_text("1.1"))
 
 
 def test_find_images_at_several_depths(tmp_path):
@@ -50,6 +57,39 @@ def test_find_images_never_follows_symlinked_folders(tmp_path):
     (root / "loop").symlink_to(root, target_is_directory=True)
 
     assert find_images(str(root)) == ["real"]
+
+
+def test_find_images_counts_a_manifest_without_version_only_if_it_parses(
+    dir_images, tmp_path
+):
+    """The rule delete uses: with no version file, a folder is an image only if
+    its manifest.json is an image manifest (the 2016 layout), so a web app or
+    `docker save` output is never listed, and so never pruned."""
+    shutil.copytree(dir_images["legacy-2016"], tmp_path / "old")
+    for kind, make in FOREIGN_FOLDERS.items():
+        make(tmp_path / "mirror" / kind)
+
+    assert find_images(str(tmp_path)) == ["old"]
+    assert find_images(str(tmp_path / "mirror" / "web-app")) == []
+
+
+def test_sync_prune_leaves_foreign_manifest_folders_byte_for_byte(
+    dir_images, tmp_path, prefect_api
+):
+    from flows.sync import sync_images
+
+    source = tmp_path / "source"
+    shutil.copytree(dir_images["oci"], source / "app")
+    destination = tmp_path / "mirror"
+    for kind, make in FOREIGN_FOLDERS.items():
+        make(destination / kind)
+    before = content_snapshot(destination)
+
+    summary = sync_images(str(source), str(destination), prune=True)
+
+    assert [(i.image, i.status) for i in summary.images] == [("app", "copied")]
+    after = content_snapshot(destination)
+    assert {p: c for p, c in after.items() if not p.startswith("app")} == before
 
 
 def test_find_images_of_missing_root_and_of_a_file(tmp_path):
@@ -88,6 +128,23 @@ def test_link_file_twice_leaves_no_temporary_file(tmp_path):
     link.link_file(str(source), str(target_folder / "blob"))
 
     assert os.listdir(target_folder) == ["blob"]
+
+
+def test_link_blob_of_a_sha512_blob_records_layout_1_2(tmp_path):
+    """Linking stores a blob as copying does, so a sha512 one moves a 1.1
+    folder on to 1.2, which its readers need for the `sha512-` name."""
+    data = b"a layer named by sha512"
+    digest = f"sha512:{hashlib.sha512(data).hexdigest()}"
+    donor = storage.DirImageDestination(str(tmp_path / "donor"))
+    donor.put_blob(digest, io.BytesIO(data), len(data))
+    target = tmp_path / "target"
+    storage.DirImageDestination(str(target))
+
+    transfer = link.link_blob(str(tmp_path / "donor"), str(target), digest, len(data))
+
+    assert transfer.action == link.LINKED
+    assert (target / "version").read_bytes() == version_text("1.2")
+    assert (target / f"sha512-{digest[7:]}").read_bytes() == data
 
 
 def test_plan_mirror_of_a_real_image(dir_images, tmp_path):
