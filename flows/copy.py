@@ -8,7 +8,6 @@ from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 import storage
@@ -145,14 +144,7 @@ def batch_blobs(blobs: list[BlobRef], parallel: int) -> list[list[BlobRef]]:
 
 def _copy_task(retries: int, retry_delay: float, retry_jitter: float, single: bool):
     task = tasks.copy_blob if single else tasks.copy_blobs
-    if retries <= 0:
-        return task.with_options(retries=0)
-    return task.with_options(
-        retries=retries,
-        retry_delay_seconds=exponential_backoff(retry_delay),
-        retry_jitter_factor=retry_jitter if retry_jitter > 0 else None,
-        retry_condition_fn=tasks.retry_transient,
-    )
+    return tasks.with_retries(task, retries, retry_delay, retry_jitter)
 
 
 def _transfer_table(transfers: list[BlobTransfer]) -> list[dict]:
@@ -257,7 +249,7 @@ def copy_image(
     runners.check_runner(runner)
     storage.DirImageSource(source)
 
-    plan = _retrying(tasks.plan_image, retries, retry_delay, retry_jitter)(
+    plan = tasks.with_retries(tasks.plan_image, retries, retry_delay, retry_jitter)(
         source, platform
     )
     storage.DirImageDestination(destination)
@@ -332,30 +324,17 @@ def commit_image(
     in place; the caller holds the lock. Returns the number of top-level
     signatures and the names of removed files.
     """
-    read = _retrying(tasks.get_signatures, retries, retry_delay, retry_jitter)
+    read = tasks.with_retries(tasks.get_signatures, retries, retry_delay, retry_jitter)
     signatures = _read_signatures(source, plan, remove_signatures, read)
     for instance in plan.instances:
         tasks.put_manifest(destination, instance.data, instance.digest)
     # TODO: A commit that fails after this leaves the staged files in place until
     # the next copy's cleanup or a delete removes them.
-    staged = tasks.image.stage_signatures(destination, list(signatures.items()))
+    staged = tasks.stage_signatures(destination, list(signatures.items()))
     tasks.put_manifest(destination, plan.manifest, None, plan.layout_version)
-    tasks.image.install_signatures(destination, staged)
+    tasks.install_signatures(destination, staged)
     removed = tasks.remove_unused(destination, sorted(plan.digests))
     return len(signatures[None]), removed
-
-
-def _retrying(task, retries: int, retry_delay: float, retry_jitter: float):
-    """`task` with the retry policy of the blob copies: transient I/O errors only,
-    exponential backoff from `retry_delay`, `retry_jitter` spread."""
-    if retries <= 0:
-        return task.with_options(retries=0)
-    return task.with_options(
-        retries=retries,
-        retry_delay_seconds=exponential_backoff(retry_delay),
-        retry_jitter_factor=retry_jitter if retry_jitter > 0 else None,
-        retry_condition_fn=tasks.retry_transient,
-    )
 
 
 def _read_signatures(

@@ -206,8 +206,11 @@ def sync_images(
     outcomes = {
         relative: ImageOutcome(relative, COPIED_IMAGE) for relative in relatives
     }
+    plan_task = tasks.with_retries(
+        tree_tasks.plan_mirror, retries, retry_delay, retry_jitter
+    )
     mirrors = _plan_mirrors(
-        source_root, destination_root, relatives, parallel, outcomes
+        plan_task, source_root, destination_root, relatives, parallel, outcomes
     )
     for mirror in mirrors:
         outcomes[mirror.relative].manifest_digest = mirror.plan.manifest_digest
@@ -276,12 +279,15 @@ def lock_group_size() -> int:
     return max(1, min(MAX_LOCKED_IMAGES, soft // 4))
 
 
-def _plan_mirrors(source_root, destination_root, relatives, parallel, outcomes):
-    """Plan every image, bounded; a failure marks that image and the rest go on."""
+def _plan_mirrors(
+    plan_task, source_root, destination_root, relatives, parallel, outcomes
+):
+    """Plan every image with `plan_task`, bounded; a failure marks that image and
+    the rest go on."""
     mirrors: list[MirrorPlan] = []
 
     def submit(relative: str):
-        return tree_tasks.plan_mirror.submit(
+        return plan_task.submit(
             _below(source_root, relative), _below(destination_root, relative), relative
         )
 
@@ -465,7 +471,14 @@ class _Placer:
             return
         started = time.perf_counter()
         try:
-            commit_image(mirror.source, mirror.destination, mirror.plan)
+            commit_image(
+                mirror.source,
+                mirror.destination,
+                mirror.plan,
+                retries=self.options.retries,
+                retry_delay=self.options.retry_delay,
+                retry_jitter=self.options.retry_jitter,
+            )
         except Exception as error:
             outcome.fail(error)
         else:

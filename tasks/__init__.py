@@ -5,13 +5,16 @@ from tasks.image import (
     copy_blobs,
     get_manifest,
     get_signatures,
+    install_signatures,
     plan_image,
     put_manifest,
     put_signatures,
     remove_unused,
     retry_transient,
+    stage_signatures,
     verify_blob,
     verify_blobs,
+    with_retries,
 )
 
 __all__ = [
@@ -19,11 +22,14 @@ __all__ = [
     "copy_blobs",
     "get_manifest",
     "get_signatures",
+    "install_signatures",
     "plan_image",
     "put_manifest",
     "put_signatures",
     "remove_unused",
     "retry_transient",
+    "stage_signatures",
     "verify_blob",
     "verify_blobs",
+    "with_retries",
 ]

@@ -8,6 +8,7 @@ Retry settings are left to the flow, which sets them per run with `with_options`
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 import storage
 from storage.manifest import BlobRef
@@ -33,6 +34,28 @@ def retry_transient(task, task_run, state) -> bool:
     """
     error = state.data
     return isinstance(error, BaseException) and storage.is_transient(error)
+
+
+def with_retries(task, retries: int, retry_delay: float, retry_jitter: float):
+    """`task` with the retry policy a flow run chose: transient I/O errors only.
+
+    Args:
+        task: Any task of this package.
+        retries: How often to retry; 0 for never.
+        retry_delay: Seconds before the first retry, doubled for each next one.
+        retry_jitter: Random spread of each delay, as a fraction of it.
+
+    Returns:
+        A copy of `task` with these options.
+    """
+    if retries <= 0:
+        return task.with_options(retries=0)
+    return task.with_options(
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(retry_delay),
+        retry_jitter_factor=retry_jitter if retry_jitter > 0 else None,
+        retry_condition_fn=retry_transient,
+    )
 
 
 @task(name="plan_image", **_SETTINGS)

@@ -17,6 +17,7 @@ import pytest
 
 import imagekit
 import storage
+import storage.files
 import storage.source
 from flows import copy_image
 from storage import layout
@@ -226,6 +227,57 @@ def test_eio_in_the_middle_of_a_blob_fails_without_retries(
     assert caught.value.errno == errno.EIO
     assert digest in str(caught.value)
     assert len(opened) == 1
+    assert not (destination / "manifest.json").exists()
+    assert list(destination.glob(f"{layout.TEMP_PREFIX}*")) == []
+
+
+def fail_kernel_copies(monkeypatch, blob: Path, failures: int, after: int) -> list:
+    """Make the first `failures` kernel copies out of file `blob` that start at or
+    beyond byte `after` fail with EIO, as a disk dropping out part way through
+    does. Returns the list the failed offsets are appended to."""
+    real_copy = os.copy_file_range
+    failed: list[int] = []
+    lock = threading.Lock()
+
+    def copy_file_range(source, sink, count, offset_source=None, *rest):
+        if offset_source is not None and offset_source >= after:
+            if os.readlink(f"/proc/self/fd/{source}") == str(blob):
+                with lock:
+                    failing = len(failed) < failures
+                    if failing:
+                        failed.append(offset_source)
+                if failing:
+                    raise OSError(errno.EIO, "Input/output error (injected)")
+        return real_copy(source, sink, count, offset_source, *rest)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    return failed
+
+
+@pytest.mark.parametrize("retries", [3, 0])
+def test_eio_in_the_middle_of_a_kernel_copy(
+    large_layer_image, monkeypatch, tmp_path, prefect_api, retries
+):
+    """A blob the kernel copies in windows fails after two of them: with
+    retries it is copied again from the start; without, the copy fails naming
+    the blob and leaves no partial file."""
+    monkeypatch.setattr(storage.files, "KERNEL_COPY_WINDOW", MIB)
+    digest = a_layer(large_layer_image)
+    blob = large_layer_image / digest[7:]
+    failed = fail_kernel_copies(monkeypatch, blob, failures=2, after=2 * MIB)
+    destination = tmp_path / "copy"
+
+    if retries:
+        copy_image(str(large_layer_image), str(destination), retries=3, retry_delay=0)
+        assert failed == [2 * MIB, 2 * MIB]
+        assert layout_files(destination) == layout_files(large_layer_image)
+        return
+
+    with pytest.raises(OSError) as caught:
+        copy_image(str(large_layer_image), str(destination), retries=0)
+    assert caught.value.errno == errno.EIO
+    assert digest in str(caught.value)
+    assert failed == [2 * MIB]
     assert not (destination / "manifest.json").exists()
     assert list(destination.glob(f"{layout.TEMP_PREFIX}*")) == []
 

@@ -572,6 +572,49 @@ def test_copy_into_a_folder_inside_the_source_is_refused(
     assert snapshot(tmp_path) == before
 
 
+@pytest.fixture
+def bind_mount(tmp_path):
+    """Mount a folder a second time under another path; unmounted afterwards."""
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        message = "a bind mount needs root and mount(8)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    mounted = []
+
+    def mount(folder: Path, where: Path) -> Path:
+        where.mkdir()
+        command = ["mount", "--bind", str(folder), str(where)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            message = f"cannot bind-mount here: {result.stderr.strip()}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", str(where)], check=True, timeout=60)
+
+
+def test_copy_into_the_source_through_a_bind_mount_is_refused(
+    fresh_image, tmp_path, cli_env, bind_mount
+):
+    """A bind mount gives the source a second path; the copy still sees it is
+    the same folder, by device and inode."""
+    image = fresh_image("oci")
+    view = bind_mount(image.parent, tmp_path.parent / f"{tmp_path.name}-view")
+    before = snapshot(image)
+
+    result = run_copy(cli_env, image, view / image.name)
+    assert_one_line_failure(result, "onto itself")
+    result = run_copy(cli_env, image, view / image.name / "inner")
+    assert_one_line_failure(result, "a folder inside it")
+    assert snapshot(image) == before
+
+
 def _plant_links(destination: Path, outside: Path, digest: str) -> dict[str, Path]:
     """Links in an image folder that point at files outside it, where a careless
     writer would write through them."""
