@@ -51,7 +51,7 @@ def kernel_copies(monkeypatch) -> list[tuple[int, str]]:
 @pytest.fixture
 def small_windows(monkeypatch):
     """Windows of 7 pages and a few bytes: every window but the first is unaligned."""
-    monkeypatch.setattr(storage.files, "KERNEL_COPY_WINDOW", 7 * PAGE + 5)
+    monkeypatch.setattr(storage.files, "COPY_WINDOW", 7 * PAGE + 5)
 
 
 def copy_file(source: Path, sink_path: Path, digest=DIGEST, size=BLOB_SIZE) -> int:
@@ -131,6 +131,52 @@ def test_put_blob_from_a_file_leaves_nothing_on_failure(tmp_path, kernel_copies)
         destination.put_blob(DIGEST, stream, len(BLOB))
     assert sorted(os.listdir(tmp_path / "image")) == ["version"]
     assert kernel_copies
+
+
+@pytest.fixture
+def writebacks(monkeypatch) -> list[tuple[int, int]]:
+    """Record each request to start writing a range back to disk."""
+    real = storage.files.start_writeback
+    ranges: list[tuple[int, int]] = []
+
+    def recording(descriptor, start, length):
+        ranges.append((start, length))
+        real(descriptor, start, length)
+
+    monkeypatch.setattr(storage.files, "start_writeback", recording)
+    return ranges
+
+
+def covers_the_blob(ranges: list[tuple[int, int]], end: int) -> bool:
+    """Whether `ranges` follow each other from 0 without a gap or overlap."""
+    expected_start = 0
+    for start, length in ranges:
+        if start != expected_start or length <= 0:
+            return False
+        expected_start += length
+    return expected_start == end
+
+
+def test_the_kernel_copy_writes_back_behind_itself(tmp_path, small_windows, writebacks):
+    source = tmp_path / "blob"
+    source.write_bytes(BLOB)
+
+    copy_file(source, tmp_path / "copy")
+
+    assert len(writebacks) > 5
+    assert covers_the_blob(writebacks, len(BLOB))
+
+
+def test_the_buffered_copy_writes_back_behind_itself(
+    tmp_path, small_windows, writebacks
+):
+    with open(tmp_path / "copy", "w+b", buffering=0) as sink:
+        copy_verified(io.BytesIO(BLOB), sink, DIGEST, len(BLOB))
+
+    assert writebacks
+    start, length = writebacks[-1]
+    assert covers_the_blob(writebacks, start + length)
+    assert len(BLOB) - (start + length) < storage.files.COPY_WINDOW
 
 
 def test_a_stream_that_is_no_file_is_streamed(tmp_path, kernel_copies):

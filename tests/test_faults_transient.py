@@ -261,7 +261,7 @@ def test_eio_in_the_middle_of_a_kernel_copy(
     """A blob the kernel copies in windows fails after two of them: with
     retries it is copied again from the start; without, the copy fails naming
     the blob and leaves no partial file."""
-    monkeypatch.setattr(storage.files, "KERNEL_COPY_WINDOW", MIB)
+    monkeypatch.setattr(storage.files, "COPY_WINDOW", MIB)
     digest = a_layer(large_layer_image)
     blob = large_layer_image / digest[7:]
     failed = fail_kernel_copies(monkeypatch, blob, failures=2, after=2 * MIB)
