@@ -46,36 +46,39 @@ def _flow_settings(verbose: bool):
     server that it starts before importing Prefect (see `flows.temporary_server`);
     if that server does not come up, Prefect starts its own as usual.
 
-    On a temporary server, flow run heartbeats are switched off: the server dies
-    with this process, so nothing would ever act on them, and each flow run would
-    otherwise wait up to a second at its end for the heartbeat thread to stop.
-    Against a configured server they stay on, since it uses them to notice
-    crashed runs.
+    Flow run heartbeats are switched off unless the user set their frequency
+    (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, in the environment or the profile). Each
+    flow run waits up to a second at its end for the heartbeat thread, which
+    sleeps in one-second steps, to stop: most of what a small copy costs. A
+    command's run lasts as long as the command, and a server acts on missed
+    heartbeats only through an automation the user adds; who has one sets the
+    frequency and keeps them. On a temporary server they are always off: it
+    dies with this process, so nothing would ever act on them.
     """
     _prepare_prefect(verbose)
     server = temporary_server.launch(verbose)
     from prefect.settings import get_current_settings, temporary_settings
 
     settings = get_current_settings()
+    updates: dict[str, object] = {"flows.heartbeat_frequency": None}
     if settings.api.url:
         if server is not None:
             server.stop()
-        yield
-        return
-
-    updates = {"flows.heartbeat_frequency": None}
-    url = None
-    if server is not None:
-        url = server.wait_until_ready(settings.server.ephemeral.startup_timeout_seconds)
-    if url is None:
+        if "heartbeat_frequency" in settings.flows.model_fields_set:
+            updates = {}
         with temporary_settings(updates=updates):
             yield
         return
-    # The environment too, for good: Prefect's background threads and the
-    # processes a flow starts (a local Dask cluster's workers) read their
-    # settings from it, and its exit handlers still send events after this.
-    updates["api.url"] = url
-    os.environ["PREFECT_API_URL"] = url
+
+    url = None
+    if server is not None:
+        url = server.wait_until_ready(settings.server.ephemeral.startup_timeout_seconds)
+    if url is not None:
+        # The environment too, for good: Prefect's background threads and the
+        # processes a flow starts (a local Dask cluster's workers) read their
+        # settings from it, and its exit handlers still send events after this.
+        updates["api.url"] = url
+        os.environ["PREFECT_API_URL"] = url
     with temporary_settings(updates=updates):
         yield
 

@@ -109,3 +109,39 @@ def flow_run_parameters(flow_name: str, parameter: str, value) -> list[dict]:
             limit=50,
         )
     return [run.parameters for run in runs if run.parameters.get(parameter) == value]
+
+
+def flow_run_ids(flow_name: str, parameter: str, value) -> list:
+    """IDs of the latest runs of flow `flow_name` whose `parameter` is `value`."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with _client() as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=50,
+        )
+    return [run.id for run in runs if run.parameters.get(parameter) == value]
+
+
+def event_names(flow_run_id, until: str) -> list[str]:
+    """Names of the events about a flow run, once one named `until` has arrived
+    (or after a minute, for the caller to fail on): events are stored in the
+    background, in the order they reached the server."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {
+        "filter": {"resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}},
+        "limit": 50,
+    }
+    deadline = time.monotonic() + WAIT_SECONDS
+    with httpx.Client(base_url=PREFECT_API_URL.value(), timeout=30) as client:
+        while True:
+            response = client.post("/events/filter", json=body)
+            response.raise_for_status()
+            names = [event["event"] for event in response.json()["events"]]
+            if until in names or time.monotonic() > deadline:
+                return names
+            time.sleep(0.5)

@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 
 import imagekit
+import prefectapi
 import storage
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DIRIMAGE = REPOSITORY / ".venv" / "bin" / "dirimage"
+HELLO = REPOSITORY / "tests" / "data" / "hello"
 TIMEOUT_SECONDS = 300
 MIB = 1024 * 1024
 
@@ -257,6 +259,30 @@ def test_copy_without_signatures_on_the_command_line(dir_images, cli_env, tmp_pa
     assert list(source.glob("signature-*"))
     assert list(destination.glob("*signature-*")) == []
     imagekit.skopeo_accepts(destination, tmp_path / "skopeo")
+
+
+@pytest.mark.parametrize("frequency", [None, "30"], ids=["default", "set by the user"])
+def test_heartbeats_only_when_the_user_sets_their_frequency(
+    frequency, cli_env, tmp_path
+):
+    """Against a server, a command's flow run sends no heartbeats (each would
+    make the run wait up to a second at its end) unless the user asked for them."""
+    env = dict(cli_env)
+    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
+    if frequency is not None:
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = frequency
+    destination = tmp_path / "copy"
+
+    result = run_dirimage("copy", HELLO, destination, env=env)
+
+    assert result.returncode == 0, result.stderr
+    (flow_run_id,) = prefectapi.flow_run_ids(
+        "copy-image", "destination", str(destination)
+    )
+    names = prefectapi.event_names(flow_run_id, until="prefect.flow-run.Completed")
+    assert "prefect.flow-run.Completed" in names, names
+    heartbeats = names.count("prefect.flow-run.heartbeat")
+    assert (heartbeats > 0) == (frequency is not None), names
 
 
 def readme_setup_command() -> str:
