@@ -16,10 +16,12 @@ all ratios come from the same run on the same machine:
   PREFECT_HOME and then a second time with the same home.
 
 Every destination is checked after each copy (file names, manifest bytes, each
-blob hashed against its name) outside the timings. Caches cannot be dropped
-without root, so the page cache is kept warm: the sources are read once before
-the first round and `sync` runs before every timed copy, so that one copy's
-write-back does not land in the next one's time.
+blob hashed against its name) outside the timings. Caches are not dropped, so
+every copier starts from a warm page cache: its source (and, for a rerun, the
+destination) is read once just before it is timed, since a kernel that pages
+out idle file pages (DAMON does on the project's machines) would otherwise
+leave some copiers reading from disk; and `sync` runs before every timed copy,
+so that one copy's write-back does not land in the next one's time.
 
     python tests/benchmarks/bench_copy.py [--quick] [--rounds N] [--workdir DIR]
 
@@ -372,13 +374,19 @@ class Bench:
         return destination
 
     def _time(self, spec, copier, command, env, source, destination) -> Run:
+        warm_page_cache(source)
+        if destination.exists():
+            warm_page_cache(destination)
         os.sync()
         run, output = run_measured(command, env, self._log(f"{spec.name}-{copier}"))
         if copier in DIRIMAGE_RUNS:
             run.summary = parse_summary(output)
         verify_copy(source, destination)
+        transfer = ""
+        if run.summary is not None:
+            transfer = f" (blob phase {run.summary['transfer_seconds']:.2f} s)"
         print(
-            f"  {spec.name} {copier}: {run.seconds:.2f} s, "
+            f"  {spec.name} {copier}: {run.seconds:.2f} s{transfer}, "
             f"{run.max_rss / MIB:.0f} MiB max RSS",
             file=sys.stderr,
             flush=True,
@@ -581,7 +589,7 @@ def describe_machine() -> str:
     return (
         f"{os.cpu_count()} CPUs, load average {load}, "
         f"Python {sys.version.split()[0]}, {skopeo}, "
-        f"page cache warm (sources read before round 1; sync before every copy)"
+        f"page cache warm (sources read before every copy, then sync)"
     )
 
 
