@@ -179,6 +179,27 @@ def test_the_buffered_copy_writes_back_behind_itself(
     assert len(BLOB) - (start + length) < storage.files.COPY_WINDOW
 
 
+def test_a_failure_while_hashing_stops_the_copy(tmp_path, small_windows, monkeypatch):
+    """Windows are hashed on a second thread; its failure reaches the caller,
+    and the copy stops instead of waiting on it."""
+    real = storage.files._hash_written
+    hashed: list[int] = []
+
+    def failing_on_the_third(descriptor, start, length, hasher):
+        hashed.append(start)
+        if len(hashed) == 3:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real(descriptor, start, length, hasher)
+
+    monkeypatch.setattr(storage.files, "_hash_written", failing_on_the_third)
+    source = tmp_path / "blob"
+    source.write_bytes(BLOB)
+
+    with pytest.raises(OSError, match="injected"):
+        copy_file(source, tmp_path / "copy")
+    assert len(hashed) == 3
+
+
 def test_a_stream_that_is_no_file_is_streamed(tmp_path, kernel_copies):
     with open(tmp_path / "copy", "w+b", buffering=0) as sink:
         assert copy_verified(io.BytesIO(BLOB), sink, DIGEST, len(BLOB)) == len(BLOB)
