@@ -6,6 +6,7 @@ diff IDs, a manifest) written directly in the dir: layout, so a few hundred MiB
 take seconds instead of the minutes umoci would need for the same bytes.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -15,6 +16,8 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+
+import pytest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -143,3 +146,29 @@ def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.communicate(timeout=60)
+
+
+@contextlib.contextmanager
+def mounted(options: list[str], where: Path):
+    """Run `mount OPTIONS WHERE` for the length of the block, then unmount.
+
+    Mounting needs root: without it (or where the sandbox forbids mounts) the
+    test is skipped, and under CI=true it fails instead.
+    """
+
+    def cannot(message: str):
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        cannot("mounting needs root and mount(8)")
+    where.mkdir(exist_ok=True)
+    command = ["mount", *options, str(where)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        cannot(f"cannot {' '.join(command)}: {result.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True, timeout=60)

@@ -96,9 +96,9 @@ def all_flow_run_count() -> int:
         return client.count_flow_runs()
 
 
-def flow_run_parameters(flow_name: str, parameter: str, value) -> list[dict]:
-    """Parameters of the latest runs of flow `flow_name` whose `parameter` is
-    `value`."""
+def latest_flow_runs(flow_name: str, parameter: str, value) -> list:
+    """The latest runs (up to 50) of flow `flow_name` whose `parameter` is
+    `value`, newest first."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
@@ -108,21 +108,18 @@ def flow_run_parameters(flow_name: str, parameter: str, value) -> list[dict]:
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
             limit=50,
         )
-    return [run.parameters for run in runs if run.parameters.get(parameter) == value]
+    return [run for run in runs if run.parameters.get(parameter) == value]
+
+
+def flow_run_parameters(flow_name: str, parameter: str, value) -> list[dict]:
+    """Parameters of the latest runs of flow `flow_name` whose `parameter` is
+    `value`."""
+    return [run.parameters for run in latest_flow_runs(flow_name, parameter, value)]
 
 
 def flow_run_ids(flow_name: str, parameter: str, value) -> list:
     """IDs of the latest runs of flow `flow_name` whose `parameter` is `value`."""
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with _client() as client:
-        runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-            limit=50,
-        )
-    return [run.id for run in runs if run.parameters.get(parameter) == value]
+    return [run.id for run in latest_flow_runs(flow_name, parameter, value)]
 
 
 def event_names(flow_run_id, until: str) -> list[str]:

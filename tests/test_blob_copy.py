@@ -11,12 +11,11 @@ import hashlib
 import io
 import mmap
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+import faultkit
 import storage.files
 from storage import DigestMismatch, DirImageDestination, SizeMismatch
 from storage.digest import parse_digest
@@ -237,24 +236,9 @@ def test_without_memory_maps_the_window_is_read_back(tmp_path, monkeypatch):
 @pytest.fixture
 def other_file_system(tmp_path):
     """A tmpfs mounted for the test: a different file system from tmp_path's."""
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        message = "mounting a tmpfs needs root and mount(8)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    folder = tmp_path / "tmpfs"
-    folder.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        message = f"cannot mount a tmpfs here: {result.stderr.strip()}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
+    options = ["-t", "tmpfs", "-o", "size=16m", "tmpfs"]
+    with faultkit.mounted(options, tmp_path / "tmpfs") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True, timeout=60)
 
 
 def test_across_file_systems_the_bytes_are_streamed(

@@ -6,9 +6,7 @@ permitted, failed under CI), and a file size limit set with `setrlimit` in the
 `dirimage` process, which works anywhere.
 """
 
-import os
 import resource
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -22,31 +20,12 @@ import storage
 MIB = 1024 * 1024
 
 
-def mount_tmpfs(folder: Path, size: str) -> None:
-    folder.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        message = f"cannot mount a tmpfs here: {result.stderr.strip()}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """An 8 MiB tmpfs mounted for the test and unmounted afterwards."""
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        message = "mounting a tmpfs needs root and mount(8)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    folder = tmp_path / "small-disk"
-    mount_tmpfs(folder, "8m")
-    try:
+    options = ["-t", "tmpfs", "-o", "size=8m", "tmpfs"]
+    with faultkit.mounted(options, tmp_path / "small-disk") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True, timeout=60)
 
 
 def image_state(folder: Path) -> dict[str, bytes]:

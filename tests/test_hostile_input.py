@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import faultkit
 import imagekit
 import storage
 from storage import layout
@@ -572,46 +573,21 @@ def test_copy_into_a_folder_inside_the_source_is_refused(
     assert snapshot(tmp_path) == before
 
 
-@pytest.fixture
-def bind_mount(tmp_path):
-    """Mount a folder a second time under another path; unmounted afterwards."""
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        message = "a bind mount needs root and mount(8)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    mounted = []
-
-    def mount(folder: Path, where: Path) -> Path:
-        where.mkdir()
-        command = ["mount", "--bind", str(folder), str(where)]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            message = f"cannot bind-mount here: {result.stderr.strip()}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message)
-            pytest.skip(message)
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in reversed(mounted):
-        subprocess.run(["umount", str(where)], check=True, timeout=60)
-
-
 def test_copy_into_the_source_through_a_bind_mount_is_refused(
-    fresh_image, tmp_path, cli_env, bind_mount
+    fresh_image, tmp_path, cli_env
 ):
     """A bind mount gives the source a second path; the copy still sees it is
     the same folder, by device and inode."""
     image = fresh_image("oci")
-    view = bind_mount(image.parent, tmp_path.parent / f"{tmp_path.name}-view")
     before = snapshot(image)
+    second_path = tmp_path.parent / f"{tmp_path.name}-view"
 
-    result = run_copy(cli_env, image, view / image.name)
-    assert_one_line_failure(result, "onto itself")
-    result = run_copy(cli_env, image, view / image.name / "inner")
-    assert_one_line_failure(result, "a folder inside it")
+    with faultkit.mounted(["--bind", str(image.parent)], second_path) as view:
+        onto_itself = run_copy(cli_env, image, view / image.name)
+        into_itself = run_copy(cli_env, image, view / image.name / "inner")
+
+    assert_one_line_failure(onto_itself, "onto itself")
+    assert_one_line_failure(into_itself, "a folder inside it")
     assert snapshot(image) == before
 
 
