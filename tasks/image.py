@@ -3,7 +3,8 @@
 Tasks are thin: plain arguments in (paths as str, digests as str), one storage
 call, a plain picklable result out, so they run the same on threads and on Dask
 workers. Nothing is cached: every run looks at the folders as they are now.
-Retry settings are left to the flow, which sets them per run with `with_options`.
+The retry policy lives here (`with_retries`); a flow applies it with the counts
+and delays of its run.
 """
 
 from prefect import get_run_logger, task
