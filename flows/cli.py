@@ -42,9 +42,9 @@ def _prepare_prefect(verbose: bool) -> None:
 def _flow_settings(verbose: bool):
     """Prefect settings for the flows one command runs.
 
-    With no API URL configured, the command serves its runs from a temporary
-    server that it starts before importing Prefect (see `flows.temporary_server`);
-    if that server does not come up, Prefect starts its own as usual.
+    With no API URL configured, the command serves its runs from a local server
+    that it finds or starts before importing Prefect (see `flows.temporary_server`);
+    if none comes up, Prefect starts its own temporary server as usual.
 
     Flow run heartbeats are switched off unless the user set their frequency
     (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, in the environment or the profile). Each
@@ -52,8 +52,8 @@ def _flow_settings(verbose: bool):
     sleeps in one-second steps, to stop: most of what a small copy costs. A
     command's run lasts as long as the command, and a server acts on missed
     heartbeats only through an automation the user adds; who has one sets the
-    frequency and keeps them. On a temporary server they are always off: it
-    dies with this process, so nothing would ever act on them.
+    frequency and keeps them. On a local server they are always off: nothing
+    there would ever act on them.
     """
     _prepare_prefect(verbose)
     server = temporary_server.launch(verbose)
@@ -71,14 +71,21 @@ def _flow_settings(verbose: bool):
         return
 
     url = None
+    timeout = settings.server.ephemeral.startup_timeout_seconds
     if server is not None:
-        url = server.wait_until_ready(settings.server.ephemeral.startup_timeout_seconds)
+        url = server.wait_until_ready(timeout)
+        if url is None and server.went_away:
+            server = temporary_server.launch(verbose)
+            url = server.wait_until_ready(timeout) if server is not None else None
     if url is not None:
         # The environment too, for good: Prefect's background threads and the
         # processes a flow starts (a local Dask cluster's workers) read their
         # settings from it, and its exit handlers still send events after this.
         updates["api.url"] = url
         os.environ["PREFECT_API_URL"] = url
+        if server.auth_string:
+            updates["api.auth_string"] = server.auth_string
+            os.environ["PREFECT_API_AUTH_STRING"] = server.auth_string
     with temporary_settings(updates=updates):
         yield
 
@@ -195,6 +202,24 @@ def run_inspect(args) -> int:
         print(f"dirimage: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(description, indent=2))
+    return EXIT_OK
+
+
+def run_stop_server(args) -> int:
+    from pathlib import Path
+
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home)
+    try:
+        pid = temporary_server.stop_shared_server(home)
+    except temporary_server.ServerInUse as error:
+        print(f"dirimage: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if pid is None:
+        print(f"no local Prefect server is running for {home}")
+    else:
+        print(f"stopped the local Prefect server (pid {pid}) of {home}")
     return EXIT_OK
 
 
@@ -504,6 +529,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive, metavar="N", help="at most N runs at once"
     )
     serve.set_defaults(run=run_serve)
+
+    stop_server = commands.add_parser(
+        "stop-server",
+        help="stop the local Prefect server that commands share",
+        description=(
+            "With no PREFECT_API_URL, commands share a local Prefect server that "
+            f"stops by itself once idle for {temporary_server.IDLE_TIMEOUT_VARIABLE} "
+            "seconds (default "
+            f"{temporary_server.DEFAULT_IDLE_TIMEOUT:.0f}). This stops it now, "
+            "unless a command is using it."
+        ),
+    )
+    stop_server.set_defaults(run=run_stop_server)
     return parser
 
 
@@ -514,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
             args.check(args)
         if not getattr(args, "runs_flows", False):
             return args.run(args)
+        try:
+            temporary_server.idle_timeout()
+        except ValueError as error:
+            print(f"dirimage: {error}", file=sys.stderr)
+            return EXIT_USAGE
         with _flow_settings(args.verbose):
             status = args.run(args)
         # Nothing is collected after this: the process ends, and a last sweep

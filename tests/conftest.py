@@ -7,6 +7,11 @@ import pytest
 
 import imagekit
 
+# Each command of the suite stops its local Prefect server when it ends, rather
+# than leaving one behind per test's Prefect home for ten minutes;
+# test_shared_server.py tests the shared server that users get by default.
+os.environ["DIRIMAGE_SERVER_IDLE_TIMEOUT"] = "0"
+
 
 @pytest.fixture(scope="session")
 def image_factory_dir(tmp_path_factory) -> Path:

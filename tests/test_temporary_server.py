@@ -1,8 +1,10 @@
 """The temporary Prefect server the command line starts before importing Prefect.
 
-It serves the runs of one command when no API URL is configured, stops with the
-command (even when the command is killed), and stays out of the way when an API
-URL is configured in the environment or in the active Prefect profile.
+With DIRIMAGE_SERVER_IDLE_TIMEOUT=0, as the suite sets it, the server serves the
+runs of one command when no API URL is configured and stops with the command
+(even when the command is killed). It stays out of the way when an API URL is
+configured in the environment or in the active Prefect profile. The shared
+server, the default, has tests of its own in test_shared_server.py.
 """
 
 import json
@@ -171,16 +173,20 @@ def test_none_is_started_when_the_environment_names_a_server(monkeypatch):
 
 
 def pipe_watcher(exits_at_once: bool) -> temporary_server.TemporaryServer:
-    """A child that behaves like the server towards its pipe, and serves nothing."""
+    """A child that behaves like the server towards its pipes, and serves nothing:
+    it exits at once without a report, or reports nothing and waits for its end
+    of the watched pipe."""
     watched, parent_pipe = os.pipe()
+    report_pipe, report_end = os.pipe()
     code = "import os, sys\n" + (
         "sys.exit(3)" if exits_at_once else "os.read(int(sys.argv[1]), 1)"
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", code, str(watched)], pass_fds=(watched,)
+        [sys.executable, "-c", code, str(watched)], pass_fds=(watched, report_end)
     )
     os.close(watched)
-    return temporary_server.TemporaryServer(process, 9, parent_pipe)
+    os.close(report_end)
+    return temporary_server.TemporaryServer(process, report_pipe, parent_pipe)
 
 
 def test_a_server_that_exits_is_not_waited_for():
