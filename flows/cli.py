@@ -73,10 +73,11 @@ def _flow_settings(verbose: bool):
     url = None
     timeout = settings.server.ephemeral.startup_timeout_seconds
     if server is not None:
-        url = server.wait_until_ready(timeout)
+        url = server.wait_until_ready(timeout, settings)
         if url is None and server.went_away:
             server = temporary_server.launch(verbose)
-            url = server.wait_until_ready(timeout) if server is not None else None
+            if server is not None:
+                url = server.wait_until_ready(timeout, settings)
     if url is not None:
         # The environment too, for good: Prefect's background threads and the
         # processes a flow starts (a local Dask cluster's workers) read their

@@ -102,10 +102,19 @@ class TemporaryServer:
 
     Create it with `launch`; call `wait_until_ready` once Prefect is imported.
     After that, `api_url` and `auth_string` say how to reach the server.
+    Without a process, the child is not started yet: a shared server seemed to
+    be running, and `wait_until_ready` looks for it in this process first.
     """
 
-    def __init__(self, process: subprocess.Popen, report_pipe: int, parent_pipe: int):
+    def __init__(
+        self,
+        process: subprocess.Popen | None,
+        report_pipe: int = -1,
+        parent_pipe: int = -1,
+        verbose: bool = False,
+    ):
         self.process = process
+        self._verbose = verbose
         self.api_url: str | None = None
         self.auth_string: str | None = None
         self.shared = False
@@ -116,16 +125,24 @@ class TemporaryServer:
         self._report: dict | None = None
         atexit.register(self.stop)
 
-    def wait_until_ready(self, timeout: float) -> str | None:
+    def wait_until_ready(self, timeout: float, settings=None) -> str | None:
         """The API URL once the server answers, or None if it never will.
 
         None when the child reports nothing (it exits without a report when
         Prefect has an API URL configured or is not allowed a temporary server,
         and when it fails), when `timeout` seconds pass, and when the server
         stopped, idle, before this command took its lease (`went_away` is then
-        True: launching again starts a new one).
+        True: launching again starts a new one). `settings`, Prefect's current
+        ones, let this process find a shared server without the child.
         """
         deadline = time.monotonic() + timeout
+        if self.process is None:
+            if settings is not None and self._use_recorded_server(settings):
+                return self.api_url
+            started = _start_child(self._verbose)
+            if started is None:
+                return None
+            self.process, self._report_pipe, self._parent_pipe = started
         report = self._read_report(deadline)
         if report is None:
             log.debug("no server reported; child status %s", self.process.poll())
@@ -177,6 +194,30 @@ class TemporaryServer:
             self._report_pipe = -1
         return self._report
 
+    def _use_recorded_server(self, settings) -> bool:
+        """Find and lease the shared server for `settings`, as the child would."""
+        if settings.api.url or not settings.server.ephemeral.enabled:
+            return False
+        if not _shareable(settings):
+            return False
+        home = Path(settings.home)
+        try:
+            with _registry_lock(home):
+                shared = _find_shared_server(home, _fingerprint(settings))
+        except OSError as error:
+            log.debug("cannot read the shared server's record: %s", error)
+            return False
+        if shared is None:
+            return False
+        report = {key: shared.get(key) for key in ("url", "auth", "pid")}
+        report.update(home=str(home), lease=True)
+        if not self._hold_lease(report):
+            return False
+        self._report = report
+        self.api_url, self.auth_string = report["url"], report["auth"]
+        self.shared = True
+        return True
+
     def _hold_lease(self, report: dict) -> bool:
         """Take a shared lock on the lease; whether the reported server still runs.
 
@@ -213,7 +254,7 @@ class TemporaryServer:
             os.close(self._lease)
             self._lease = None
         report = self._read_report(time.monotonic() + STOP_TIMEOUT)
-        if report is not None and report.get("lease"):
+        if self.process is None or (report is not None and report.get("lease")):
             return
         try:
             self.process.wait(timeout=STOP_TIMEOUT)
@@ -223,15 +264,54 @@ class TemporaryServer:
 
 
 def launch(verbose: bool = False) -> TemporaryServer | None:
-    """Start the child that finds or serves a server, unless one is clearly unneeded.
+    """Start the child that finds or serves a server, unless it seems unneeded.
 
-    Returns None when PREFECT_API_URL is set in the environment. Otherwise the
-    child starts, and checks the rest of Prefect's settings itself. Its output is
-    discarded unless `verbose`, and always once this command has ended.
+    Returns None when PREFECT_API_URL is set in the environment. When the Prefect
+    home that the environment names records a running shared server, the child
+    waits: `wait_until_ready` checks that server with Prefect's settings first,
+    which spares this command a second import of Prefect on the other core.
+    Otherwise the child starts, and checks the rest of Prefect's settings itself.
+    Its output is discarded unless `verbose`, and always once this command ends.
     """
     if os.environ.get("PREFECT_API_URL"):
         return None
+    if _shared_server_recorded():
+        return TemporaryServer(None, verbose=verbose)
+    started = _start_child(verbose)
+    if started is None:
+        return None
+    return TemporaryServer(*started, verbose=verbose)
 
+
+# The child imports this very module: with `-m` or a bare `-c`, Python would look
+# in the current folder first, where a project of the user's may have a `flows`
+# package of its own.
+_CHILD_CODE = (
+    f"import sys; sys.path[0] = {str(Path(__file__).resolve().parents[1])!r}; "
+    f"from {SERVER_MODULE} import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
+def _shared_server_recorded() -> bool:
+    """Whether the environment's Prefect home names a live shared server.
+
+    A guess made before Prefect is imported: Prefect may take its home from
+    elsewhere, and the server may not suit this command's settings.
+    """
+    try:
+        if not idle_timeout():
+            return False
+    except ValueError:
+        return False
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    record = _read_record(home)
+    pid = record.get("pid") if record else None
+    return isinstance(pid, int) and _is_our_server(pid)
+
+
+def _start_child(verbose: bool) -> tuple[subprocess.Popen, int, int] | None:
+    """The child, the pipe it reports on, and the pipe it watches; None if it
+    could not be started."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.bind(("127.0.0.1", 0))
@@ -241,7 +321,7 @@ def launch(verbose: bool = False) -> TemporaryServer | None:
         output = None if verbose else subprocess.DEVNULL
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", SERVER_MODULE]
+                [sys.executable, "-c", _CHILD_CODE, SERVER_MODULE]
                 + [str(listener.fileno()), str(watched), str(report_end)],
                 pass_fds=(listener.fileno(), watched, report_end),
                 stdin=subprocess.DEVNULL,
@@ -263,7 +343,7 @@ def launch(verbose: bool = False) -> TemporaryServer | None:
         return None
     finally:
         listener.close()
-    return TemporaryServer(process, report_pipe, parent_pipe)
+    return process, report_pipe, parent_pipe
 
 
 class ServerInUse(Exception):
@@ -543,5 +623,8 @@ def _retire(home: Path, app: _ActivityTracker, linger: float) -> bool:
         return True
 
 
-if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+def main(arguments: list[str]) -> int:
+    """The child's entry: the listening socket, the watched pipe and the report
+    pipe, as inherited file descriptors."""
+    listener_fd, watched_fd, report_fd = map(int, arguments)
+    return _serve(listener_fd, watched_fd, report_fd)

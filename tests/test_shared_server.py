@@ -27,6 +27,28 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 HELLO = REPOSITORY / "tests" / "data" / "hello"
 TIMEOUT = 300
 
+# Runs `dirimage` in-process and reports how it reached its server.
+RUN_COMMAND = """
+import json, sys
+from flows import cli, temporary_server
+
+launched = []
+real_launch = temporary_server.launch
+
+def launch(verbose=False):
+    launched.append(real_launch(verbose))
+    return launched[-1]
+
+temporary_server.launch = launch
+status = cli.main(sys.argv[1:])
+print(json.dumps({
+    "status": status,
+    "child_started": launched[-1].process is not None,
+    "shared": launched[-1].shared,
+    "url": launched[-1].api_url,
+}))
+"""
+
 # Starts a server (or finds one), reports it, and holds it until killed.
 HOLD_SERVER = """
 import json, sys, time
@@ -124,8 +146,20 @@ def test_commands_share_one_server_that_outlives_them(home, tmp_path):
     record = read_record(home)
     assert record is not None and alive(record["pid"])
 
-    copy_hello(tmp_path / "second", env)
+    completed = subprocess.run(
+        [sys.executable, "-c", RUN_COMMAND, "copy", str(HELLO), tmp_path / "second"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    second = json.loads(completed.stdout.splitlines()[-1])
 
+    assert second["status"] == 0
+    assert second["shared"] and second["url"] == record["url"]
+    # It found the server itself, without a child to import Prefect again.
+    assert not second["child_started"]
     assert read_record(home) == record
     assert alive(record["pid"])
     from prefect.client.orchestration import SyncPrefectClient
@@ -272,3 +306,30 @@ def test_a_bad_idle_timeout_is_a_usage_error(home, tmp_path, value):
     assert completed.stderr.count("\n") == 1
     assert "DIRIMAGE_SERVER_IDLE_TIMEOUT" in completed.stderr
     assert not (tmp_path / "copy").exists()
+
+
+def test_a_flows_package_in_the_current_folder_is_not_what_runs(home, tmp_path):
+    project = tmp_path / "project"
+    (project / "flows").mkdir(parents=True)
+    (project / "flows" / "__init__.py").write_text("")
+    (project / "flows" / "temporary_server.py").write_text(
+        "import pathlib\n"
+        "pathlib.Path(__file__).with_name('imported').touch()\n"
+        "raise SystemExit(9)\n"
+    )
+    env = environment(home, idle_timeout=600)
+    del env["PYTHONPATH"]
+
+    completed = subprocess.run(
+        [str(REPOSITORY / ".venv" / "bin" / "dirimage"), "copy", str(HELLO), "copy"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert not (project / "flows" / "imported").exists()
+    record = read_record(home)
+    assert record is not None and alive(record["pid"])
