@@ -558,8 +558,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"dirimage: {error}", file=sys.stderr)
             return EXIT_USAGE
-        with _flow_settings(args.verbose):
-            status = args.run(args)
+        # Importing Prefect leaves about 180,000 tracked objects and about 5,000
+        # collectable ones; collecting garbage during that import cost about
+        # 0.1 s of every command.
+        gc.disable()
+        try:
+            with _flow_settings(args.verbose):
+                import prefect.flows  # noqa: F401
+
+                gc.enable()
+                status = args.run(args)
+        finally:
+            gc.enable()
         # Nothing is collected after this: the process ends, and a last sweep
         # over Prefect's many objects took about a second at exit.
         gc.freeze()
