@@ -242,10 +242,12 @@ class TemporaryServer:
     def stop(self) -> None:
         """Let the server go; safe to call more than once.
 
-        A server of this command's own stops now: closing the pipe asks it to
+        A server started for this command alone (with an idle timeout of 0, or
+        a database that cannot be shared) stops now: closing the pipe asks it to
         shut down as SIGTERM would, and it is killed if it has not finished
-        within `STOP_TIMEOUT` seconds. A shared server only loses this command's
-        lease, and stops by itself once idle.
+        within `STOP_TIMEOUT` seconds. A shared server, this command's own
+        included, only loses this command's lease, and stops by itself once
+        idle.
         """
         if self._parent_pipe >= 0:
             os.close(self._parent_pipe)
@@ -362,11 +364,8 @@ def stop_shared_server(home: Path) -> int | None:
         pid = record.get("pid") if record else None
         if not isinstance(pid, int) or not _is_our_server(pid):
             return None
-        lease = os.open(home / LEASE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lease)
+        lease = _lease_for_no_one_else(home)
+        if lease is None:
             raise ServerInUse(
                 f"the local Prefect server (pid {pid}) is in use by a running "
                 "command; it stops by itself once idle"
@@ -384,6 +383,17 @@ def stop_shared_server(home: Path) -> int | None:
     finally:
         os.close(lease)
     return pid
+
+
+def _lease_for_no_one_else(home: Path) -> int | None:
+    """The lease, locked for this process alone; None while a command holds it."""
+    lease = os.open(home / LEASE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lease)
+        return None
+    return lease
 
 
 def _healthy(api_url: str, timeout: float) -> bool:
@@ -611,11 +621,7 @@ def _retire(home: Path, app: _ActivityTracker, linger: float) -> bool:
     with _registry_lock(home):
         if app.idle_for() < linger:
             return False
-        lease = os.open(home / LEASE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lease)
+        if _lease_for_no_one_else(home) is None:
             return False
         # The lease stays locked until this process exits: a command that opens
         # it now waits, then finds no record.

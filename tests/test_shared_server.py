@@ -87,15 +87,20 @@ def environment(home: Path, idle_timeout: float, **extra: str) -> dict[str, str]
     return env
 
 
-def dirimage(*arguments, env) -> subprocess.CompletedProcess:
+def run(command: list, env, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *map(str, arguments)],
+        [str(part) for part in command],
+        cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
     )
+
+
+def dirimage(*arguments, env) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "flows.cli", *arguments], env)
 
 
 def copy_hello(destination: Path, env) -> None:
@@ -146,12 +151,8 @@ def test_commands_share_one_server_that_outlives_them(home, tmp_path):
     record = read_record(home)
     assert record is not None and alive(record["pid"])
 
-    completed = subprocess.run(
-        [sys.executable, "-c", RUN_COMMAND, "copy", str(HELLO), tmp_path / "second"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+    completed = run(
+        [sys.executable, "-c", RUN_COMMAND, "copy", HELLO, tmp_path / "second"], env
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     second = json.loads(completed.stdout.splitlines()[-1])
@@ -227,13 +228,8 @@ def test_a_verbose_command_ends_its_output_and_leaves_its_folder(home, tmp_path)
     folder.mkdir()
 
     # A server that kept the command's stderr would hold this run until it stops.
-    completed = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "copy", "-v", str(HELLO), "copy"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+    completed = run(
+        [sys.executable, "-m", "flows.cli", "copy", "-v", HELLO, "copy"], env, folder
     )
 
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -320,16 +316,23 @@ def test_a_flows_package_in_the_current_folder_is_not_what_runs(home, tmp_path):
     env = environment(home, idle_timeout=600)
     del env["PYTHONPATH"]
 
-    completed = subprocess.run(
-        [str(REPOSITORY / ".venv" / "bin" / "dirimage"), "copy", str(HELLO), "copy"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    installed = REPOSITORY / ".venv" / "bin" / "dirimage"
+    completed = run([installed, "copy", HELLO, "copy"], env, project)
 
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert not (project / "flows" / "imported").exists()
     record = read_record(home)
     assert record is not None and alive(record["pid"])
+
+
+def test_a_waiting_server_is_not_used_when_temporary_servers_are_off(home, tmp_path):
+    copy_hello(tmp_path / "first", environment(home, idle_timeout=600))
+    env = environment(
+        home, idle_timeout=600, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false"
+    )
+
+    completed = dirimage("copy", HELLO, tmp_path / "second", env=env)
+
+    assert completed.returncode == 1
+    assert completed.stderr.count("\n") == 1 and "PREFECT_API_URL" in completed.stderr
+    assert not (tmp_path / "second").exists()
