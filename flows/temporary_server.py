@@ -41,6 +41,7 @@ This module must not import Prefect at the top: `launch` runs before the import.
 import atexit
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
 RECORD_NAME = "dirimage-server.json"
 REGISTRY_LOCK_NAME = "dirimage-server.lock"
 LEASE_NAME = "dirimage-server.lease"
+LOG_NAME = "dirimage-server.log"
 
 # A server that ignores SIGTERM this long is killed: the command is over, and
 # only a record of its runs is at stake.
@@ -579,11 +581,14 @@ def _run_server(listener, watched_fd: int, home: Path, linger: float) -> int:
             server.should_exit = True
             return
         _leave_the_command(home)
+        _note(f"waits for commands; stops once unused for {linger:.0f} s")
         while not server.should_exit:
             time.sleep(IDLE_CHECK_INTERVAL)
             if app.idle_for() >= linger and _retire(home, app, linger):
                 server.should_exit = True
 
+    if linger and _is_devnull(2):
+        _log_to_file(home)
     threading.Thread(target=stop_when_idle, daemon=True).start()
     server.run(sockets=[listener])
     # The server has shut down cleanly; the database is closed. What is left,
@@ -592,6 +597,7 @@ def _run_server(listener, watched_fd: int, home: Path, linger: float) -> int:
     if linger:
         with _registry_lock(home):
             _remove_record_if_mine(home)
+        _note("stopped")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -601,15 +607,45 @@ def _run_server(listener, watched_fd: int, home: Path, linger: float) -> int:
 def _leave_the_command(home: Path) -> None:
     """Let go of what ties a lingering server to the command that started it.
 
-    Its output (the command's pipes, when verbose) goes nowhere, so that whoever
-    reads them sees their end; its folder becomes the Prefect home, so that the
-    command's folder can be unmounted.
+    Its output (the command's pipes, when verbose) goes to its log in the
+    Prefect home, so that whoever reads the pipes sees their end; its folder
+    becomes the Prefect home, so that the command's folder can be unmounted.
     """
-    with open(os.devnull, "wb") as devnull:
-        os.dup2(devnull.fileno(), 1)
-        os.dup2(devnull.fileno(), 2)
+    _log_to_file(home)
     with contextlib.suppress(OSError):
         os.chdir(home)
+
+
+@functools.cache
+def _log_file(home: Path) -> int:
+    """The server's log, begun anew by each server; /dev/null if it cannot be."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    try:
+        return os.open(home / LOG_NAME, flags, 0o600)
+    except OSError:
+        return os.open(os.devnull, os.O_WRONLY)
+
+
+def _log_to_file(home: Path) -> None:
+    """Send this process's output to its log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(_log_file(home), 1)
+    os.dup2(_log_file(home), 2)
+
+
+def _is_devnull(descriptor: int) -> bool:
+    info, null = os.fstat(descriptor), os.stat(os.devnull)
+    return (info.st_dev, info.st_ino) == (null.st_dev, null.st_ino)
+
+
+def _note(event: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    print(
+        f"{stamp} dirimage local Prefect server, pid {os.getpid()}: {event}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _retire(home: Path, app: _ActivityTracker, linger: float) -> bool:

@@ -189,6 +189,14 @@ def test_an_idle_server_stops_and_removes_its_record(home, tmp_path):
 
     assert gone(record["pid"], within=60), "the idle server did not stop"
     assert read_record(home) is None
+    log = home / temporary_server.LOG_NAME
+    lines = log.read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "waits for commands; stops once unused for 2 s",
+        "stopped",
+    ]
+    assert all(f"pid {record['pid']}" in line for line in lines)
+    assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
 
 
 def hold_server(env) -> subprocess.Popen:
