@@ -589,6 +589,10 @@ def _run_server(listener, watched_fd: int, home: Path, linger: float) -> int:
 
     if linger and _is_devnull(2):
         _log_to_file(home)
+    # uvicorn shuts down on SIGTERM and SIGINT, then raises the signal again
+    # under the handlers it found; those must let the clean-up below still run.
+    for stopping in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stopping, lambda number, frame: None)
     threading.Thread(target=stop_when_idle, daemon=True).start()
     server.run(sockets=[listener])
     # The server has shut down cleanly; the database is closed. What is left,

@@ -263,6 +263,16 @@ def test_other_server_settings_get_a_server_of_their_own(home, tmp_path):
         os.kill(first["pid"], signal.SIGKILL)
 
 
+def test_a_server_stopped_by_sigterm_removes_its_record(home, tmp_path):
+    copy_hello(tmp_path / "copy", environment(home, idle_timeout=600))
+    pid = read_record(home)["pid"]
+
+    os.kill(pid, signal.SIGTERM)
+
+    assert gone(pid, within=30)
+    assert read_record(home) is None
+
+
 def test_a_record_of_a_dead_server_is_not_trusted(home, tmp_path):
     env = environment(home, idle_timeout=600)
     copy_hello(tmp_path / "first", env)
@@ -294,6 +304,8 @@ def test_stop_server_stops_it_unless_a_command_holds_it(home, tmp_path):
     assert f"pid {pid}" in stopped.stdout
     assert gone(pid, within=30)
     assert read_record(home) is None
+    log = (home / temporary_server.LOG_NAME).read_text()
+    assert log.endswith(f"pid {pid}: stopped\n"), log
 
     again = dirimage("stop-server", env=env)
     assert again.returncode == 0 and "no local Prefect server" in again.stdout
