@@ -275,7 +275,9 @@ def launch(verbose: bool = False) -> TemporaryServer | None:
     waits: `wait_until_ready` checks that server with Prefect's settings first,
     which spares this command a second import of Prefect on the other core.
     Otherwise the child starts, and checks the rest of Prefect's settings itself.
-    Its output is discarded unless `verbose`, and always once this command ends.
+    The child's output reaches this command's stderr only when `verbose`, and
+    only while the command runs; a shared server's goes to its log in the
+    Prefect home.
     """
     if os.environ.get("PREFECT_API_URL"):
         return None
