@@ -28,6 +28,13 @@ process, and the password it was started with) lives beside the lease, readable
 only by its owner; the server refuses requests without the password, so other
 local users cannot use it while it waits.
 
+When the Prefect home that the environment names already records a live shared
+server, the command does not start the child at all: once it has imported
+Prefect's settings, it checks the record against them itself, and starts the
+child only if the server does not suit them. A shared server writes what it has
+to say, when it began to wait and when it stopped among it, to a log beside its
+record, begun anew by each server.
+
 With `DIRIMAGE_SERVER_IDLE_TIMEOUT=0` every command has a server of its own that
 stops with the command, even after SIGKILL: the child watches a pipe whose other
 end only the command holds.
