@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 import storage
 from flows import parameters, runners, temporary_server
@@ -71,13 +72,9 @@ def _flow_settings(verbose: bool):
         return
 
     url = None
-    timeout = settings.server.ephemeral.startup_timeout_seconds
     if server is not None:
+        timeout = settings.server.ephemeral.startup_timeout_seconds
         url = server.wait_until_ready(timeout, settings)
-        if url is None and server.went_away:
-            server = temporary_server.launch(verbose)
-            if server is not None:
-                url = server.wait_until_ready(timeout, settings)
     if url is not None:
         # The environment too, for good: Prefect's background threads and the
         # processes a flow starts (a local Dask cluster's workers) read their
@@ -207,8 +204,6 @@ def run_inspect(args) -> int:
 
 
 def run_stop_server(args) -> int:
-    from pathlib import Path
-
     from prefect.settings import get_current_settings
 
     home = Path(get_current_settings().home)

@@ -127,7 +127,6 @@ class TemporaryServer:
         self.api_url: str | None = None
         self.auth_string: str | None = None
         self.shared = False
-        self.went_away = False
         self._report_pipe = report_pipe
         self._parent_pipe = parent_pipe
         self._lease: int | None = None
@@ -139,31 +138,27 @@ class TemporaryServer:
 
         None when the child reports nothing (it exits without a report when
         Prefect has an API URL configured or is not allowed a temporary server,
-        and when it fails), when `timeout` seconds pass, and when the server
-        stopped, idle, before this command took its lease (`went_away` is then
-        True: launching again starts a new one). `settings`, Prefect's current
-        ones, let this process find a shared server without the child.
+        and when it fails), or when `timeout` seconds pass. `settings`, Prefect's
+        current ones, let this process find a shared server without the child.
         """
         deadline = time.monotonic() + timeout
-        if self.process is None:
-            if settings is not None and self._use_recorded_server(settings):
+        if self.process is None and settings is not None:
+            if self._use_recorded_server(settings):
                 return self.api_url
-            started = _start_child(self._verbose)
-            if started is None:
-                return None
-            self.process, self._report_pipe, self._parent_pipe = started
-        report = self._read_report(deadline)
+        for _ in range(2):
+            report = self._report_of_a_child(deadline)
+            if report is None or not report.get("lease") or self._hold_lease(report):
+                break
+            # The shared server stopped, idle, between being reported and this
+            # command taking its lease; a second child starts a new one.
+            log.debug("the server at %s stopped before its lease", report["url"])
+            self._let_the_child_go()
+            report = None
         if report is None:
-            log.debug("no server reported; child status %s", self.process.poll())
             self.stop()
             return None
 
         url = report["url"]
-        if report.get("lease") and not self._hold_lease(report):
-            log.debug("the shared server at %s stopped before it was leased", url)
-            self.went_away = True
-            self.stop()
-            return None
         while time.monotonic() < deadline:
             if _healthy(url, timeout=2):
                 self.api_url = url
@@ -176,6 +171,25 @@ class TemporaryServer:
         log.debug("server at %s not ready after %.0f s", url, timeout)
         self.stop()
         return None
+
+    def _report_of_a_child(self, deadline: float) -> dict | None:
+        """Start the child unless it runs, and read its report; None if none."""
+        if self.process is None:
+            started = _start_child(self._verbose)
+            if started is None:
+                return None
+            self.process, self._report_pipe, self._parent_pipe = started
+        report = self._read_report(deadline)
+        if report is None:
+            log.debug("no server reported; child status %s", self.process.poll())
+        return report
+
+    def _let_the_child_go(self) -> None:
+        """Forget the child: it has exited after its report, or serves a server
+        that, shared, stops by itself once idle."""
+        os.close(self._parent_pipe)
+        self._parent_pipe = -1
+        self.process, self._report = None, None
 
     def _read_report(self, deadline: float) -> dict | None:
         """The child's one-line report, or None at its end of file or the deadline."""
@@ -205,9 +219,7 @@ class TemporaryServer:
 
     def _use_recorded_server(self, settings) -> bool:
         """Find and lease the shared server for `settings`, as the child would."""
-        if settings.api.url or not settings.server.ephemeral.enabled:
-            return False
-        if not _shareable(settings):
+        if not _wants_local_server(settings) or not _shareable(settings):
             return False
         home = Path(settings.home)
         try:
@@ -218,8 +230,7 @@ class TemporaryServer:
             return False
         if shared is None:
             return False
-        report = {key: shared.get(key) for key in ("url", "auth", "pid")}
-        report.update(home=str(home), lease=True)
+        report = _report_of_shared(shared, home)
         if not self._hold_lease(report):
             return False
         self._report = report
@@ -236,7 +247,7 @@ class TemporaryServer:
         """
         home = Path(report["home"])
         try:
-            lease = os.open(home / LEASE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            lease = _open_lease(home)
         except OSError as error:
             log.debug("cannot open the lease: %s", error)
             return False
@@ -317,9 +328,7 @@ def _shared_server_recorded() -> bool:
     except ValueError:
         return False
     home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    record = _read_record(home)
-    pid = record.get("pid") if record else None
-    return isinstance(pid, int) and _is_our_server(pid)
+    return _live_server_pid(_read_record(home)) is not None
 
 
 def _start_child(verbose: bool) -> tuple[subprocess.Popen, int, int] | None:
@@ -371,9 +380,8 @@ def stop_shared_server(home: Path) -> int | None:
     server has gone, so no command starts using it meanwhile.
     """
     with _registry_lock(home):
-        record = _read_record(home)
-        pid = record.get("pid") if record else None
-        if not isinstance(pid, int) or not _is_our_server(pid):
+        pid = _live_server_pid(_read_record(home))
+        if pid is None:
             return None
         lease = _lease_for_no_one_else(home)
         if lease is None:
@@ -396,9 +404,13 @@ def stop_shared_server(home: Path) -> int | None:
     return pid
 
 
+def _open_lease(home: Path) -> int:
+    return os.open(home / LEASE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+
+
 def _lease_for_no_one_else(home: Path) -> int | None:
     """The lease, locked for this process alone; None while a command holds it."""
-    lease = os.open(home / LEASE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    lease = _open_lease(home)
     try:
         fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -451,6 +463,12 @@ def _registry_lock(home: Path):
         os.close(descriptor)
 
 
+def _live_server_pid(record: dict | None) -> int | None:
+    """The process a record names, if it is still a server of this module."""
+    pid = record.get("pid") if record else None
+    return pid if isinstance(pid, int) and _is_our_server(pid) else None
+
+
 def _is_our_server(pid: int) -> bool:
     """Whether `pid` is a live server process of this module (not a reused pid)."""
     try:
@@ -482,6 +500,17 @@ def _fingerprint(settings) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
+def _wants_local_server(settings) -> bool:
+    """Whether Prefect, with these settings, would start a temporary server."""
+    return not settings.api.url and settings.server.ephemeral.enabled
+
+
+def _report_of_shared(record: dict, home: Path) -> dict:
+    """What a command needs to know of a shared server found by its record."""
+    found = {key: record.get(key) for key in ("url", "auth", "pid")}
+    return {**found, "home": str(home), "lease": True}
+
+
 def _shareable(settings) -> bool:
     """Whether another command, in another folder, would reach the same database."""
     url = settings.server.database.connection_url
@@ -495,7 +524,7 @@ def _find_shared_server(home: Path, fingerprint: str) -> dict | None:
     record = _read_record(home)
     if not record or record.get("fingerprint") != fingerprint:
         return None
-    if not isinstance(record.get("pid"), int) or not _is_our_server(record["pid"]):
+    if _live_server_pid(record) is None:
         return None
     # The request also counts as use, so the server does not decide it is idle
     # before the command that found it takes its lease.
@@ -544,7 +573,7 @@ def _serve(listener_fd: int, watched_fd: int, report_fd: int) -> int:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
+    if not _wants_local_server(settings):
         return 0
     home = Path(settings.home)
     port = listener.getsockname()[1]
@@ -552,7 +581,8 @@ def _serve(listener_fd: int, watched_fd: int, report_fd: int) -> int:
     own = {"url": f"http://127.0.0.1:{port}/api", "auth": auth, "own": True}
     if not linger or not _shareable(settings):
         _report(report_fd, own)
-        return _run_server(listener, watched_fd, home, linger=0)
+        _run_server(listener, watched_fd, home, linger=0)
+        _exit_at_once()
 
     home.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(settings)
@@ -563,18 +593,20 @@ def _serve(listener_fd: int, watched_fd: int, report_fd: int) -> int:
             _write_record(home, record)
     if shared is not None:
         listener.close()
-        found = {key: shared.get(key) for key in ("url", "auth", "pid")}
-        _report(report_fd, {**found, "home": str(home), "lease": True})
+        _report(report_fd, _report_of_shared(shared, home))
         return 0
     _report(report_fd, {**own, "pid": os.getpid(), "home": str(home), "lease": True})
     try:
-        return _run_server(listener, watched_fd, home, linger=linger)
+        _run_server(listener, watched_fd, home, linger=linger)
     finally:
         with _registry_lock(home):
             _remove_record_if_mine(home)
+    _note("stopped")
+    _exit_at_once()
 
 
-def _run_server(listener, watched_fd: int, home: Path, linger: float) -> int:
+def _run_server(listener, watched_fd: int, home: Path, linger: float) -> None:
+    """Serve Prefect's API on `listener` until told to stop, or until idle."""
     import uvicorn
     from prefect.server.api.server import create_app
 
@@ -599,18 +631,20 @@ def _run_server(listener, watched_fd: int, home: Path, linger: float) -> int:
     if linger and _is_devnull(2):
         _log_to_file(home)
     # uvicorn shuts down on SIGTERM and SIGINT, then raises the signal again
-    # under the handlers it found; those must let the clean-up below still run.
+    # under the handlers it found; those must let the caller's clean-up run.
     for stopping in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stopping, lambda number, frame: None)
     threading.Thread(target=stop_when_idle, daemon=True).start()
     server.run(sockets=[listener])
-    # The server has shut down cleanly; the database is closed. What is left,
-    # Prefect's exit handlers and the teardown of its modules, took over a
-    # second and would write nothing that matters.
-    if linger:
-        with _registry_lock(home):
-            _remove_record_if_mine(home)
-        _note("stopped")
+
+
+def _exit_at_once() -> None:
+    """End the child once its server has shut down cleanly.
+
+    The database is closed by then. What is left, Prefect's exit handlers and the
+    teardown of its modules, took over a second and would write nothing that
+    matters.
+    """
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -49,6 +49,29 @@ print(json.dumps({
 }))
 """
 
+# Has the child find the running server, which then retires, as far as this
+# command can tell, before the command takes its lease; reports what it saw.
+RETIRED_BEFORE_THE_LEASE = """
+import json, os, pathlib
+from flows import cli, temporary_server
+
+reports = []
+real_hold_lease = temporary_server.TemporaryServer._hold_lease
+
+def retired_before_the_lease(self, report):
+    # What a retiring server does under the registry lock: remove its record.
+    reports.append(report)
+    if len(reports) == 1:
+        os.unlink(pathlib.Path(report["home"]) / temporary_server.RECORD_NAME)
+    return real_hold_lease(self, report)
+
+temporary_server.TemporaryServer._hold_lease = retired_before_the_lease
+cli._prepare_prefect(verbose=False)
+server = temporary_server.launch()
+url = server.wait_until_ready(120)  # no settings: the child looks
+print(json.dumps([reports, url]))
+"""
+
 # Starts a server (or finds one), reports it, and holds it until killed.
 HOLD_SERVER = """
 import json, sys, time
@@ -356,3 +379,21 @@ def test_a_waiting_server_is_not_used_when_temporary_servers_are_off(home, tmp_p
     assert completed.returncode == 1
     assert completed.stderr.count("\n") == 1 and "PREFECT_API_URL" in completed.stderr
     assert not (tmp_path / "second").exists()
+
+
+def test_a_server_that_retires_before_its_lease_is_replaced(home, tmp_path):
+    env = environment(home, idle_timeout=600)
+    copy_hello(tmp_path / "first", env)
+    first = read_record(home)
+
+    try:
+        completed = run([sys.executable, "-c", RETIRED_BEFORE_THE_LEASE], env)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        reports, url = json.loads(completed.stdout.splitlines()[-1])
+
+        assert [report.get("own", False) for report in reports] == [False, True]
+        assert reports[0]["pid"] == first["pid"]
+        assert url == reports[1]["url"] != first["url"]
+        assert read_record(home)["pid"] == reports[1]["pid"]
+    finally:
+        os.kill(first["pid"], signal.SIGKILL)
