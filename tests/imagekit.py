@@ -114,6 +114,18 @@ class SignedImage:
     identity: str
     signatures: tuple[Path, ...]
 
+    def signs(self, image: Path | str, signature_name: str = "signature-1") -> bool:
+        """Whether `image`'s signature of that name verifies with this key and
+        identity against `image`'s own manifest (see `verify_signature`)."""
+        image = Path(image)
+        return verify_signature(
+            self.gnupghome,
+            image / "manifest.json",
+            self.identity,
+            self.fingerprint,
+            image / signature_name,
+        )
+
 
 def require_tool(name: str) -> str:
     """Return the path of an external tool, or skip (fail under CI) without it."""

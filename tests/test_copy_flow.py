@@ -95,13 +95,7 @@ def test_signatures_still_verify_on_the_copy(dir_images, tmp_path, prefect_api):
 
     assert summary.signatures == len(signing.signatures) == 2
     for signature in signing.signatures:
-        assert imagekit.verify_signature(
-            signing.gnupghome,
-            destination / "manifest.json",
-            signing.identity,
-            signing.fingerprint,
-            destination / signature.name,
-        )
+        assert signing.signs(destination, signature.name)
 
 
 @pytest.mark.parametrize("kind", imagekit.MULTI_INSTANCE_KINDS)

@@ -234,14 +234,7 @@ def test_kill_before_commit_keeps_the_previous_signatures(
 
     for name, content in before.items():
         assert (destination / name).read_bytes() == content, f"{name} changed"
-    signed = imagekit.read_signing_info(dir_images["signed"])
-    assert imagekit.verify_signature(
-        signed.gnupghome,
-        destination / "manifest.json",
-        signed.identity,
-        signed.fingerprint,
-        destination / "signature-1",
-    )
+    assert imagekit.read_signing_info(dir_images["signed"]).signs(destination)
 
 
 def test_unreadable_source_signature_keeps_the_previous_signatures(
@@ -299,14 +292,7 @@ def test_kill_between_commit_and_signatures_is_repaired_by_the_rerun(
     assert storage.DirImageSource(str(destination)).get_signatures() == new_signatures
     assert not (destination / "signature-3").exists()
     assert faultkit.temporary_files(destination) == []
-    signed = imagekit.read_signing_info(source)
-    assert imagekit.verify_signature(
-        signed.gnupghome,
-        destination / "manifest.json",
-        signed.identity,
-        signed.fingerprint,
-        destination / "signature-1",
-    )
+    assert imagekit.read_signing_info(source).signs(destination)
     imagekit.skopeo_accepts(destination, tmp_path / "skopeo-after-rerun")
 
 
