@@ -41,7 +41,12 @@ from storage.plan import (
     verify_blob,
 )
 from storage.source import DirImageSource
-from storage.transfer import BlobTransfer, transfer_blob
+from storage.transfer import (
+    BlobTransfer,
+    present_blobs,
+    reuse_intact_blobs,
+    transfer_blob,
+)
 from storage.tree import MirrorPlan, find_images, holds_image, plan_mirror
 
 __all__ = [
@@ -82,6 +87,8 @@ __all__ = [
     "parse_manifest",
     "plan_image",
     "plan_mirror",
+    "present_blobs",
+    "reuse_intact_blobs",
     "transfer_blob",
     "verify_blob",
 ]

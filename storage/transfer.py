@@ -4,11 +4,13 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from storage.destination import DirImageDestination
 from storage.digest import parse_digest
 from storage.errors import BlobNotFound, ImageError
+from storage.manifest import BlobRef
 from storage.source import DirImageSource
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,58 @@ def transfer_blob(
     seconds = time.perf_counter() - clock
     log.debug("%s blob %s (%d bytes) in %.3f s", action, digest, length, seconds)
     return BlobTransfer(str(digest), length, action, started, seconds, _worker_name())
+
+
+def present_blobs(destination: str, blobs: list[BlobRef]) -> list[BlobRef]:
+    """The blobs of `blobs` that have a file in `destination` of the size their
+    manifest records (of any size where it records none), largest first.
+
+    Only a stat each: these are the blobs worth hashing before a copy.
+    """
+    target = DirImageDestination(destination)
+    present = []
+    for blob in blobs:
+        try:
+            status = os.stat(target.blob_path(blob.digest))
+        except FileNotFoundError:
+            continue
+        if blob.size is None or status.st_size == blob.size:
+            present.append(blob)
+    return sorted(present, key=lambda blob: -(blob.size or 0))
+
+
+def reuse_intact_blobs(
+    destination: str, blobs: list[BlobRef], workers: int
+) -> list[BlobTransfer]:
+    """Hash the files of `blobs` in `destination`, up to `workers` at once, and
+    return a `reused` transfer for each file that holds its blob intact.
+
+    A file that does not hash to its digest, or that cannot be read, is left out
+    and nothing is raised: the blob's own copy then replaces the file, or meets
+    the same error and retries it under the copy's retry policy.
+    """
+    target = DirImageDestination(destination)
+
+    def check(blob: BlobRef) -> BlobTransfer | None:
+        started = time.time()
+        clock = time.perf_counter()
+        try:
+            if not target.has_blob(blob.digest, blob.size):
+                return None
+            length = os.path.getsize(target.blob_path(blob.digest))
+        except OSError as error:
+            log.debug("not reusing blob %s: %s", blob.digest, error)
+            return None
+        seconds = time.perf_counter() - clock
+        return BlobTransfer(
+            blob.digest, length, REUSED, started, seconds, _worker_name()
+        )
+
+    if not blobs:
+        return []
+    with ThreadPoolExecutor(max(1, min(workers, len(blobs)))) as pool:
+        checked = list(pool.map(check, blobs))
+    return [transfer for transfer in checked if transfer is not None]
 
 
 def _make_present(source, destination, digest, size, optional) -> tuple[str, int]:

@@ -223,6 +223,28 @@ def copy_blobs(
     ]
 
 
+@task(
+    name="reuse_blobs", task_run_name="reuse_blobs-{blobs[0].digest:.19}+", **_SETTINGS
+)
+def reuse_blobs(
+    destination: str, blobs: list[BlobRef], workers: int
+) -> list[BlobTransfer]:
+    """Hash the blobs `destination` already has, `workers` at once, in one task.
+
+    Returns a `reused` transfer for each that is intact. The others are left
+    for their own copies, which replace a damaged file and retry a failed read;
+    a rerun over a complete destination then records one task run, not one per
+    blob.
+    """
+    get_run_logger().info(
+        "Checking %d blobs already in %s on %d threads",
+        len(blobs),
+        destination,
+        min(workers, len(blobs)),
+    )
+    return storage.reuse_intact_blobs(destination, blobs, workers)
+
+
 @task(name="verify_blob", task_run_name="verify_blob-{digest:.19}", **_SETTINGS)
 def verify_blob(
     path: str, digest: str, size: int | None = None, optional: bool = False
