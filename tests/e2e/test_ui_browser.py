@@ -67,6 +67,29 @@ def browser():
             browser.close()
 
 
+def click_run(form, deployment_id: str, attempts: int = 3):
+    """Click the form's Run button; returns the response that creates the run.
+
+    The server's SQLite database answers a write that collides with another
+    one with "database is locked", which the API sends as 503. Prefect's own
+    client retries those; the UI shows the error and keeps the form open, for
+    the user to click again, as this does.
+    """
+    for _ in range(attempts):
+        with form.page.expect_response(
+            lambda response: (
+                response.url.endswith(
+                    f"/api/deployments/{deployment_id}/create_flow_run"
+                )
+                and response.request.method == "POST"
+            )
+        ) as created:
+            form.get_by_role("button", name="Run", exact=True).click()
+        if created.value.status != 503:
+            break
+    return created.value
+
+
 def test_run_button_starts_a_copy_that_completes(
     prefect_server, dirimage_serve, browser, short_root, tmp_path
 ):
@@ -96,17 +119,9 @@ def test_run_button_starts_a_copy_that_completes(
     form.get_by_text("Folder of the image to copy").wait_for()
     assert str(source) in form.locator("textarea").first.input_value()
     page.screenshot(path=shots / "run-form.png")
-    with page.expect_response(
-        lambda response: (
-            response.url.endswith(
-                f"/api/deployments/{deployment['id']}/create_flow_run"
-            )
-            and response.request.method == "POST"
-        )
-    ) as created:
-        form.get_by_role("button", name="Run", exact=True).click()
-    assert created.value.status == 201, created.value.text()
-    run_id = created.value.json()["id"]
+    created = click_run(form, deployment["id"])
+    assert created.status == 201, created.text()
+    run_id = created.json()["id"]
 
     run = prefect_server.wait_for_run(run_id, log_path=served.log_path)
     assert run["state_type"] == "COMPLETED", tail(served.log_path)
