@@ -57,8 +57,8 @@ class ProgressTracker:
         self._description = description
         self._interval = artifact_interval
         self._started = time.perf_counter()
-        self._last_update = 0.0
         self._artifact_id = create_progress_artifact(0.0, description=description)
+        self._last_update = time.perf_counter()
         self._notify()
 
     def advance(self, items: int, size: int) -> None:
