@@ -186,6 +186,8 @@ def copy_blobs_bounded(
     transfers: list[BlobTransfer] = []
 
     present = storage.present_blobs(destination, blobs)
+    # TODO: On a Dask cluster one worker hashes every present blob; splitting the
+    # check by bytes would spread the rerun of a large image over the workers.
     if present:
         reused = runners.submit(
             task_runner,
