@@ -151,6 +151,15 @@ def test_copy_and_verify_spread_over_both_workers(
     assert report.ok
     assert report.blobs_checked == 25
 
+    # A rerun hashes what is there in one task, on one of the workers.
+    rerun = copy_image(
+        str(layered_image), str(destination), parallel=4, runner=cluster.runner
+    )
+    assert (rerun.blobs_copied, rerun.blobs_reused) == (0, 25)
+    checkers = {transfer.worker for transfer in rerun.transfers}
+    assert len(checkers) == 1, checkers
+    assert int(checkers.pop().rsplit(":", 1)[1]) in worker_pids
+
 
 def test_command_line_copy_and_verify_on_cluster(
     prefect_env, cluster, layered_image, tmp_path
