@@ -7,6 +7,7 @@ take seconds instead of the minutes umoci would need for the same bytes.
 """
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import random
 import shutil
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,28 @@ def mounted(options: list[str], where: Path):
         yield where
     finally:
         subprocess.run(["umount", str(where)], check=True, timeout=60)
+
+
+def fail_opens(monkeypatch, module, folder: Path, digest: str, failures: int):
+    """Count the opens of blob `digest`'s file in the image at `folder` made by
+    `module` (a storage module that opens files with `open_inside`), and fail
+    the first `failures` of them with EIO.
+
+    Returns the list the opened paths are appended to, one per attempt.
+    """
+    real_open_inside = module.open_inside
+    name = blob_name(digest)
+    opened: list[str] = []
+    lock = threading.Lock()
+
+    def open_inside(root, path, what):
+        if Path(root) == Path(folder) and os.path.basename(path).startswith(name):
+            with lock:
+                opened.append(path)
+                attempt = len(opened)
+            if attempt <= failures:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+        return real_open_inside(root, path, what)
+
+    monkeypatch.setattr(module, "open_inside", open_inside)
+    return opened

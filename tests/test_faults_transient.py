@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import faultkit
 import imagekit
 import storage
 import storage.files
@@ -23,29 +24,6 @@ from flows import copy_image
 from storage import layout
 
 MIB = 1024 * 1024
-
-
-def count_opens(monkeypatch, source: Path, digest: str, failures: int) -> list[str]:
-    """Count opens of blob `digest` in image `source`; fail the first `failures`.
-
-    Returns the list the opened paths are appended to, one per attempt.
-    """
-    real_open_inside = storage.source.open_inside
-    blob_name = digest.split(":")[1]
-    opened: list[str] = []
-    lock = threading.Lock()
-
-    def open_inside(root, path, what):
-        if Path(root) == source and os.path.basename(path).startswith(blob_name):
-            with lock:
-                opened.append(path)
-                attempt = len(opened)
-            if attempt <= failures:
-                raise OSError(errno.EIO, "Input/output error (injected)")
-        return real_open_inside(root, path, what)
-
-    monkeypatch.setattr(storage.source, "open_inside", open_inside)
-    return opened
 
 
 class FailingFile:
@@ -141,7 +119,9 @@ def source_image(request, dir_images) -> Path:
 
 def test_transient_fault_is_retried(source_image, monkeypatch, tmp_path, prefect_api):
     digest = a_layer(source_image)
-    opened = count_opens(monkeypatch, source_image, digest, failures=2)
+    opened = faultkit.fail_opens(
+        monkeypatch, storage.source, source_image, digest, failures=2
+    )
     destination = tmp_path / "copy"
 
     summary = copy_image(str(source_image), str(destination), retries=3, retry_delay=0)
@@ -155,7 +135,9 @@ def test_transient_fault_fails_without_retries(
     source_image, monkeypatch, tmp_path, prefect_api
 ):
     digest = a_layer(source_image)
-    opened = count_opens(monkeypatch, source_image, digest, failures=1)
+    opened = faultkit.fail_opens(
+        monkeypatch, storage.source, source_image, digest, failures=1
+    )
     destination = tmp_path / "copy"
 
     with pytest.raises(OSError) as caught:
@@ -180,7 +162,9 @@ def test_corrupt_blob_is_not_retried_and_keeps_the_previous_image(
     damaged = bytearray(blob.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     blob.write_bytes(bytes(damaged))
-    opened = count_opens(monkeypatch, source, digest, failures=0)
+    opened = faultkit.fail_opens(
+        monkeypatch, storage.source, source, digest, failures=0
+    )
 
     with pytest.raises(storage.DigestMismatch) as caught:
         copy_image(str(source), str(destination), retries=3, retry_delay=0)

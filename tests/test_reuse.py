@@ -5,8 +5,6 @@ A file is reused only when it hashes to its digest; one that is damaged, cut
 short or unreadable is left to its own copy task, which replaces it or retries.
 """
 
-import errno
-import os
 import re
 import shutil
 import threading
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import faultkit
 import imagekit
 import prefectapi
 import storage
@@ -47,27 +46,6 @@ def blob_refs(image: Path) -> list[BlobRef]:
 
 def file_of(folder: Path, blob: BlobRef) -> Path:
     return folder / blob.digest.split(":")[1]
-
-
-def fail_opens(monkeypatch, folder: Path, blob: BlobRef, failures: int) -> list[str]:
-    """Make the first `failures` opens of `blob`'s file in `folder` fail with EIO;
-    returns the list of every open of it."""
-    real_open_inside = storage.destination.open_inside
-    name = file_of(folder, blob).name
-    opened: list[str] = []
-    lock = threading.Lock()
-
-    def open_inside(root, path, what):
-        if Path(root) == folder and os.path.basename(path) == name:
-            with lock:
-                opened.append(path)
-                attempt = len(opened)
-            if attempt <= failures:
-                raise OSError(errno.EIO, "Input/output error (injected)")
-        return real_open_inside(root, path, what)
-
-    monkeypatch.setattr(storage.destination, "open_inside", open_inside)
-    return opened
 
 
 def test_present_blobs_are_those_at_their_size_largest_first(image, tmp_path):
@@ -128,7 +106,9 @@ def test_an_unreadable_file_is_left_out_not_raised(image, tmp_path, monkeypatch)
     blobs = blob_refs(image)
     destination = tmp_path / "copy"
     shutil.copytree(image, destination)
-    opened = fail_opens(monkeypatch, destination, blobs[0], failures=1)
+    opened = faultkit.fail_opens(
+        monkeypatch, storage.destination, destination, blobs[0].digest, failures=1
+    )
 
     reused = storage.reuse_intact_blobs(str(destination), blobs, workers=2)
 
@@ -201,7 +181,9 @@ def test_a_file_the_check_cannot_read_is_reused_by_its_copy_task(
     destination = tmp_path / "copy"
     copy_image(str(image), str(destination))
     largest = max(blobs, key=lambda blob: blob.size)
-    opened = fail_opens(monkeypatch, destination, largest, failures=1)
+    opened = faultkit.fail_opens(
+        monkeypatch, storage.destination, destination, largest.digest, failures=1
+    )
 
     # No retries: the check's failed read must not count as a failed copy.
     summary = copy_image(str(image), str(destination), retries=0)
