@@ -3,8 +3,9 @@
 The first command starts it; later commands with the same Prefect home and
 settings find it and run at once. It outlives them by DIRIMAGE_SERVER_IDLE_TIMEOUT
 seconds of disuse, never stops under a running command, answers only those who
-know its password, and lets go of the first command's pipes and folder.
-(The rest of the suite sets the timeout to 0: one server per command.)
+know its password, lets go of the first command's pipes and folder, and records
+the task runs of a local Dask cluster's workers. (The rest of the suite sets
+the timeout to 0: one server per command.)
 """
 
 import base64
@@ -397,3 +398,52 @@ def test_a_server_that_retires_before_its_lease_is_replaced(home, tmp_path):
         assert read_record(home)["pid"] == reports[1]["pid"]
     finally:
         os.kill(first["pid"], signal.SIGKILL)
+
+
+def test_blob_tasks_on_a_local_dask_cluster_report_to_the_server(home, tmp_path):
+    destination = tmp_path / "copy"
+    command = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "copy", "--runner", "dask"]
+        + [str(HELLO), str(destination)],
+        env=environment(home, idle_timeout=600),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, stderr = command.communicate(timeout=TIMEOUT)
+    assert command.returncode == 0, stderr[-3000:]
+    record = read_record(home)
+
+    # The workers are processes of their own, which must know the server's
+    # password: without it, their task runs would never reach the server.
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with SyncPrefectClient(record["url"], auth_string=record["auth"]) as client:
+        [flow_run] = client.read_flow_runs()
+        runs_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        [table] = [
+            artifact
+            for artifact in client.read_artifacts(flow_run_filter=runs_filter)
+            if artifact.type == "table"
+        ]
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        deadline = time.monotonic() + 60
+        while True:
+            copies = [
+                run
+                for run in client.read_task_runs(flow_run_filter=runs_filter)
+                if run.name.startswith("copy_blob") and run.state_type == "COMPLETED"
+            ]
+            if len(copies) >= len(rows) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+
+    assert flow_run.state_type == "COMPLETED"
+    assert len(copies) == len(rows) >= 2
+    workers = {row["worker"].rsplit(":", 1)[1] for row in rows}
+    assert str(command.pid) not in workers
+    assert (destination / "manifest.json").read_bytes() == (
+        HELLO / "manifest.json"
+    ).read_bytes()
