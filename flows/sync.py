@@ -37,7 +37,7 @@ from flows.copy import (
 from flows.parameters import FolderPath, Jitter, Parallel, Retries, Runner, Seconds
 from flows.progress import ProgressTracker
 from storage.layout import blob_path
-from storage.link import COPIED_LOCALLY, DAMAGED_DONOR, LINKED, same_file
+from storage.link import COPIED_LOCALLY, DAMAGED_DONOR, LINKED, shares_storage
 from storage.manifest import BlobRef
 from storage.transfer import COPIED, REUSED, BlobTransfer
 from storage.tree import MirrorPlan
@@ -304,8 +304,9 @@ def _plan_mirrors(
 def _shares(skipped, donors: dict[str, str]) -> list[tuple[MirrorPlan, list[BlobRef]]]:
     """The unchanged images with blobs to link to another image's file (`donors`).
 
-    Blobs already sharing the donor's inode are left out, so a sync that finds
-    nothing to link locks nothing and writes nothing.
+    Blobs already sharing the donor's storage (one inode, or a reflink of its
+    extents) are left out, so a sync that finds nothing to link locks nothing and
+    writes nothing.
     """
     shares = []
     for mirror in skipped:
@@ -315,7 +316,7 @@ def _shares(skipped, donors: dict[str, str]) -> list[tuple[MirrorPlan, list[Blob
             if donor == mirror.destination:
                 continue
             digest = storage.parse_digest(blob.digest)
-            if not same_file(
+            if not shares_storage(
                 blob_path(donor, digest), blob_path(mirror.destination, digest)
             ):
                 blobs.append(blob)

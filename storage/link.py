@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import secrets
+import struct
 import time
 
 from storage import layout
@@ -25,6 +26,20 @@ log = logging.getLogger(__name__)
 
 # From linux/fs.h: _IOW(0x94, 9, int).
 FICLONE = 0x40049409
+# From linux/fs.h and linux/fiemap.h: _IOWR('f', 11, struct fiemap), its header
+# and one extent (logical, physical and length, then flags among reserved words).
+FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_HEADER = struct.Struct("=QQIIII")
+_FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")
+_FIEMAP_FLAG_SYNC = 0x1
+_EXTENT_LAST = 0x1
+# Extents whose place on disk is not (yet) known, or is no place of their own.
+_EXTENT_UNPLACED = 0x2 | 0x4 | 0x200 | 0x400  # unknown, delalloc, inline, tail
+_EXTENTS_PER_CALL = 128
+_WHOLE_FILE = 2**64 - 1  # FIEMAP_MAX_OFFSET: the kernel stops at the file's end
+# Data kept inside the inode (btrfs stores files up to a page so) is never
+# shared; two such files hold the same blob when they hold the same bytes.
+_INLINE_LIMIT = 64 * 1024
 REFLINK = "reflink"
 HARDLINK = "hardlink"
 LINKED = "linked"
@@ -89,6 +104,63 @@ def same_file(first: str, second: str) -> bool:
         return False
 
 
+def shares_storage(first: str, second: str) -> bool:
+    """Whether linking `second` to `first` would change nothing.
+
+    True for two names of one inode (a hard link), for two files made of the
+    same extents on disk (a reflink, told by FIEMAP), and for two small files
+    whose data lives inside their inodes and that hold the same bytes. False
+    where that cannot be told: a missing file, a filesystem without FIEMAP.
+    """
+    if same_file(first, second):
+        return True
+    try:
+        first_extents, second_extents = _extents(first), _extents(second)
+    except OSError:
+        return False
+    if not (first_extents and second_extents):
+        # Empty, or kept inside the inode: nothing on disk to compare.
+        return _same_small_bytes(first, second)
+    return first_extents == second_extents
+
+
+def _extents(path: str) -> list[tuple[int, int, int]] | None:
+    """The (logical, physical, length) extents of the file at `path`, or None
+    when one of them has no place on disk of its own."""
+    extents: list[tuple[int, int, int]] = []
+    start = 0
+    with open(path, "rb") as file:
+        while True:
+            header = _FIEMAP_HEADER.pack(
+                start, _WHOLE_FILE, _FIEMAP_FLAG_SYNC, 0, _EXTENTS_PER_CALL, 0
+            )
+            request = bytearray(header + bytes(_EXTENTS_PER_CALL * _FIEMAP_EXTENT.size))
+            fcntl.ioctl(file.fileno(), FS_IOC_FIEMAP, request)
+            mapped = _FIEMAP_HEADER.unpack_from(request)[3]
+            if not mapped:
+                return extents
+            for index in range(mapped):
+                offset = _FIEMAP_HEADER.size + index * _FIEMAP_EXTENT.size
+                extent = _FIEMAP_EXTENT.unpack_from(request, offset)
+                logical, physical, length, flags = extent
+                if flags & _EXTENT_UNPLACED:
+                    return None
+                extents.append((logical, physical, length))
+                if flags & _EXTENT_LAST:
+                    return extents
+            start = logical + length
+
+
+def _same_small_bytes(first: str, second: str) -> bool:
+    try:
+        with open(first, "rb") as one, open(second, "rb") as other:
+            data = one.read(_INLINE_LIMIT + 1)
+            small = len(data) <= _INLINE_LIMIT
+            return small and data == other.read(_INLINE_LIMIT + 1)
+    except OSError:
+        return False
+
+
 def link_blob(
     donor: str,
     destination: str,
@@ -102,12 +174,12 @@ def link_blob(
 
     `donor` is another image folder holding the blob. With `verify_donor` its
     file is hashed first; leave it off for a copy verified moments ago. A
-    destination blob that is already the donor's inode is `reused`; otherwise it
-    is `linked` over whatever is there. When the two folders cannot share storage
-    (another filesystem, link limit reached) the blob is copied from the donor,
-    verified, as `copied-locally`. When the donor lacks the blob or holds wrong
-    bytes, it is copied from image folder `fallback_source` (`copied`), or the
-    error is raised when there is none.
+    destination blob that already shares the donor's storage (`shares_storage`)
+    is `reused`; otherwise it is `linked` over whatever is there. When the two
+    folders cannot share storage (another filesystem, link limit reached) the
+    blob is copied from the donor, verified, as `copied-locally`. When the donor
+    lacks the blob or holds wrong bytes, it is copied from image folder
+    `fallback_source` (`copied`), or the error is raised when there is none.
     """
     parsed = parse_digest(digest)
     started, clock = time.time(), time.perf_counter()
@@ -128,7 +200,7 @@ def link_blob(
             return BlobTransfer(str(parsed), 0, "absent", started, 0.0, _worker_name())
         raise BlobNotFound(f"blob {parsed} is missing or damaged in {donor}")
 
-    if same_file(donor_path, target_path):
+    if shares_storage(donor_path, target_path):
         action = "reused"
     else:
         target.prepare_name_for(parsed)
@@ -183,7 +255,8 @@ def share_blob(
     """Make the file of blob `digest` in image folder `destination` the donor's.
 
     For images that already hold the blob: nothing new is placed. When the two
-    files are already one inode, nothing is read (`reused`). Otherwise the
+    files already share their storage (`shares_storage`), nothing is hashed or
+    written (`reused`). Otherwise the
     donor's file is hashed, and only when it matches `digest` and `size` does a
     link to it replace the destination's file, atomically (`linked`). A donor
     file that does not match is left alone, and so is the destination's file
@@ -206,7 +279,7 @@ def share_blob(
 
     if not os.path.lexists(target_path):
         return outcome(KEPT)
-    if same_file(donor_path, target_path):
+    if shares_storage(donor_path, target_path):
         return outcome("reused", os.path.getsize(target_path))
     if not donor_image.has_blob(parsed, size):
         log.debug(

@@ -4,14 +4,15 @@
 #   bash tests/run.sh            the whole suite, as CI runs it
 #   bash tests/run.sh -k copy    extra arguments go to pytest
 #
-# Installs the Debian packages the tests drive (skopeo, umoci, gnupg, chromium),
-# and python3-venv when `python3 -m venv` lacks the ensurepip it needs, when run as
-# root or with sudo; makes a virtualenv in .venv, installs the project with its
-# test extra, and runs pytest. Tests start and stop their own servers.
+# Installs the Debian packages the tests drive (skopeo, umoci, gnupg, chromium,
+# btrfs-progs for a file system that makes reflinks), and python3-venv when
+# `python3 -m venv` lacks the ensurepip it needs, when run as root or with sudo;
+# makes a virtualenv in .venv, installs the project with its test extra, and runs
+# pytest. Tests start and stop their own servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(skopeo umoci gnupg chromium util-linux)
+debian_packages=(skopeo umoci gnupg chromium util-linux btrfs-progs)
 # Debian's python3 keeps ensurepip, without which `python3 -m venv` fails, in
 # python3-venv; a Python built elsewhere (pyenv, a container image) has its own.
 python3 -c 'import ensurepip' 2>/dev/null || debian_packages+=(python3-venv)

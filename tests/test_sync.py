@@ -21,6 +21,7 @@ import storage
 from storage import link as storage_link
 from storage.layout import LOCK_FILE
 
+MIB = 1024 * 1024
 # Relative path in the tree, OCI layout tag, extra skopeo arguments.
 TREE = (
     ("base", "base", ()),
@@ -768,3 +769,76 @@ def test_copy_blob_locally_falls_back_to_the_source(tmp_path):
         assert (tmp_path / folder / name).read_bytes() == (HELLO / name).read_bytes()
     with pytest.raises(storage.DigestMismatch):
         storage_link.copy_blob_locally(str(holder), str(tmp_path / "third"), digest)
+
+
+@pytest.fixture
+def reflink_folder(tmp_path):
+    """A folder on a btrfs file system that lives in a file and is loop-mounted
+    for the test: a file system that makes reflinks, unlike ext4."""
+    imagekit.require_tool("mkfs.btrfs")
+    disk = tmp_path / "btrfs.img"
+    with open(disk, "wb") as file:
+        file.truncate(512 * MIB)  # sparse: costs only what the test writes
+    subprocess.run(["mkfs.btrfs", "-q", str(disk)], check=True, capture_output=True)
+    with faultkit.mounted(["-o", "loop", str(disk)], tmp_path / "btrfs") as where:
+        yield where
+
+
+def test_shares_storage_tells_reflinks_hard_links_and_copies_apart(reflink_folder):
+    donor = reflink_folder / "donor"
+    donor.write_bytes(os.urandom(3 * MIB + 5))
+    reflinked, hard_linked, copied = (reflink_folder / n for n in ("r", "h", "c"))
+    reflinked.write_bytes(b"older bytes")
+
+    method = storage_link.link_file(str(donor), str(reflinked))
+    os.link(donor, hard_linked)
+    shutil.copyfile(donor, copied)
+
+    assert method == storage_link.REFLINK
+    assert os.stat(reflinked).st_ino != os.stat(donor).st_ino
+    assert os.stat(donor).st_nlink == 2  # the hard link only
+    assert storage_link.shares_storage(str(donor), str(reflinked))
+    assert storage_link.shares_storage(str(donor), str(hard_linked))
+    assert not storage_link.shares_storage(str(donor), str(copied))
+    # Copy-on-write: a change to the reflink is its own, and ends the sharing.
+    with open(reflinked, "r+b") as file:
+        file.write(b"changed")
+    assert donor.read_bytes()[:7] != b"changed"
+    assert not storage_link.shares_storage(str(donor), str(reflinked))
+    # Files small enough to live inside their inodes share nothing on disk; the
+    # same bytes count as shared, other bytes do not.
+    for name, data in (("small", b"config"), ("same", b"config"), ("other", b"c0nfig")):
+        (reflink_folder / name).write_bytes(data)
+    small, same, other = (str(reflink_folder / n) for n in ("small", "same", "other"))
+    assert storage_link.shares_storage(small, same)
+    assert not storage_link.shares_storage(small, other)
+
+
+def test_link_sync_on_a_reflink_file_system_writes_nothing_the_second_time(
+    reflink_folder, tmp_path, prefect_api
+):
+    from flows.sync import sync_images, verify_images
+
+    # Two versions of an app that share their first two layers.
+    source = tmp_path / "source"
+    faultkit.make_synthetic_image(source / "app/v1", [2 * MIB, 512 * 1024], "app")
+    faultkit.make_synthetic_image(
+        source / "app/v2", [2 * MIB, 512 * 1024, 64 * 1024], "app"
+    )
+    destination = reflink_folder / "mirror"
+
+    first = sync_images(str(source), str(destination), link=True)
+    shared = blob_digests(destination / "app/v1") & blob_digests(destination / "app/v2")
+    before = snapshot(destination)
+    second = sync_images(str(source), str(destination), link=True)
+
+    assert set(statuses(first).values()) == {"copied"}
+    assert sum(image.blobs_shared for image in first.images) == 2
+    assert len(shared) == 2
+    for name in shared:
+        v1, v2 = (str(destination / "app" / v / name) for v in ("v1", "v2"))
+        assert os.stat(v1).st_ino != os.stat(v2).st_ino, "a reflink, not a hard link"
+        assert storage_link.shares_storage(v1, v2)
+    assert set(statuses(second).values()) == {"skipped"}
+    assert snapshot(destination) == before, "the second sync rewrote files"
+    assert len(verify_images(str(destination))) == 2
