@@ -411,30 +411,40 @@ class _Placer:
         """Put every blob of the `ready` images in place, then commit each.
 
         First the blobs each image is the first of the group to need: from a
-        donor, else from its own source. Then the blobs an earlier image of the
+        donor, else from its own source, unless the image's folder holds them
+        intact already. Then the blobs an earlier image of the
         group already holds: a link to that image's file, or a local copy of it.
         Whenever the image to take a blob from lacks it, the blob is read from
         the image's own source instead.
         """
         first_holder: dict[str, MirrorPlan] = {}
-        first_jobs: list[_Job] = []
+        from_source: dict[str, list[BlobRef]] = defaultdict(list)
+        from_donor: dict[str, dict[str, list[BlobRef]]] = defaultdict(dict)
         from_holder: dict[str, list[BlobRef]] = defaultdict(list)
         for mirror in ready:
-            from_source: list[BlobRef] = []
-            from_donor: dict[str, list[BlobRef]] = defaultdict(list)
             for blob in mirror.plan.blobs:
                 if blob.digest in first_holder:
                     from_holder[mirror.relative].append(blob)
                     continue
                 first_holder[blob.digest] = mirror
                 if blob.digest in self.donors:
-                    from_donor[self.donors[blob.digest]].append(blob)
+                    donor = self.donors[blob.digest]
+                    from_donor[mirror.relative].setdefault(donor, []).append(blob)
                 else:
-                    from_source.append(blob)
-            first_jobs += self._jobs(mirror, mirror.source, from_source)
-            for donor, blobs in from_donor.items():
-                first_jobs += self._jobs(mirror, donor, blobs, verify_origin=True)
+                    from_source[mirror.relative].append(blob)
         placed: set[tuple[str, str]] = set()
+        self._reuse(ready, from_source, placed)
+
+        first_jobs: list[_Job] = []
+        for mirror in ready:
+            missing = [
+                blob
+                for blob in from_source[mirror.relative]
+                if (mirror.relative, blob.digest) not in placed
+            ]
+            first_jobs += self._jobs(mirror, mirror.source, missing)
+            for donor, blobs in from_donor[mirror.relative].items():
+                first_jobs += self._jobs(mirror, donor, blobs, verify_origin=True)
         self._run(first_jobs, placed)
 
         second_jobs = []
@@ -451,6 +461,46 @@ class _Placer:
         self._run(second_jobs, placed)
         for mirror in ready:
             self._commit(mirror)
+
+    def _reuse(self, ready, from_source, placed: set[tuple[str, str]]) -> None:
+        """Keep what each image's folder already holds intact, of the blobs it
+        is to read from its source: hashed in one task per image, as a copy's
+        reuse check is, one image at a time since each task hashes on
+        `parallel` threads. Kept blobs are counted as reused and as placed."""
+        checks = []
+        for mirror in ready:
+            present = storage.present_blobs(
+                mirror.destination, from_source[mirror.relative]
+            )
+            if present:
+                checks.append((mirror, present))
+
+        def submit(check):
+            mirror, present = check
+            return self._submit(
+                tasks.reuse_blobs,
+                destination=mirror.destination,
+                blobs=present,
+                workers=self.options.parallel,
+            )
+
+        def record(check, result: list[BlobTransfer]) -> None:
+            mirror = check[0]
+            for transfer in result:
+                self.outcomes[mirror.relative].add(transfer)
+                placed.add((mirror.relative, transfer.digest))
+            self.tracker.advance(len(result), sum(t.size for t in result))
+
+        def fail(check, error: Exception) -> None:
+            # Its blobs are then copied as if none were there, and their own
+            # tasks meet whatever went wrong, under the retry policy.
+            get_run_logger().warning(
+                "Could not check the blobs already in %s: %s",
+                check[0].destination,
+                _one_line(error),
+            )
+
+        run_bounded(checks, submit, 1, record, fail)
 
     def _jobs(self, mirror, origin: str, blobs, verify_origin=False) -> list[_Job]:
         if origin == mirror.source:

@@ -842,3 +842,33 @@ def test_link_sync_on_a_reflink_file_system_writes_nothing_the_second_time(
     assert set(statuses(second).values()) == {"skipped"}
     assert snapshot(destination) == before, "the second sync rewrote files"
     assert len(verify_images(str(destination))) == 2
+
+
+def test_a_new_version_keeps_the_blobs_its_folder_holds_checked_in_one_task(
+    tmp_path, prefect_api
+):
+    from flows.sync import sync_images
+
+    # Layers above the small-blob size, so that each copy has a task of its own.
+    source, destination = tmp_path / "source", tmp_path / "mirror"
+    faultkit.make_synthetic_image(source / "app", [5 * MIB, 6 * MIB], "app")
+    sync_images(str(source), str(destination))
+    before = snapshot(destination / "app")
+    shutil.rmtree(source / "app")
+    faultkit.make_synthetic_image(source / "app", [5 * MIB, 6 * MIB, 7 * MIB], "app")
+    kept = blob_digests(destination / "app") & blob_digests(source / "app")
+
+    state = sync_images(str(source), str(destination), return_state=True)
+
+    [outcome] = state.result().images
+    assert outcome.status == "copied"
+    assert len(kept) == 2
+    assert (outcome.blobs_reused, outcome.blobs_from_source) == (2, 2)
+    after = snapshot(destination / "app")
+    assert {name: after[name] for name in kept} == {name: before[name] for name in kept}
+    assert image_files(destination / "app") == image_files(source / "app")
+    flow_run_id = state.state_details.flow_run_id
+    prefectapi.task_runs(flow_run_id, "remove_unused", 1)
+    names = [run.name for run in prefectapi.task_runs(flow_run_id, "", 1)]
+    assert len([name for name in names if name.startswith("reuse_blobs")]) == 1
+    assert len([name for name in names if name.startswith("copy_blob")]) == 2
