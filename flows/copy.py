@@ -160,6 +160,30 @@ def _transfer_table(transfers: list[BlobTransfer]) -> list[dict]:
     ]
 
 
+def reuse_present_blobs(
+    destination: str, blobs: list[BlobRef], parallel: int, task_runner=None
+) -> list[BlobTransfer]:
+    """The `reused` transfers of the `blobs` that `destination` holds intact.
+
+    The files there at their recorded size are hashed in one task on `parallel`
+    threads, on `task_runner` as for `copy_blobs_bounded`; with none there, no
+    task runs.
+    """
+    present = storage.present_blobs(destination, blobs)
+    if not present:
+        return []
+    # TODO: On a Dask cluster one worker hashes every present blob; splitting the
+    # check by bytes would spread the rerun of a large image over the workers.
+    future = runners.submit(
+        task_runner,
+        tasks.reuse_blobs,
+        destination=destination,
+        blobs=present,
+        workers=parallel,
+    )
+    return future.result()
+
+
 def copy_blobs_bounded(
     source: str,
     destination: str,
@@ -185,17 +209,8 @@ def copy_blobs_bounded(
     tracker = ProgressTracker(total, len(blobs), description)
     transfers: list[BlobTransfer] = []
 
-    present = storage.present_blobs(destination, blobs)
-    # TODO: On a Dask cluster one worker hashes every present blob; splitting the
-    # check by bytes would spread the rerun of a large image over the workers.
-    if present:
-        reused = runners.submit(
-            task_runner,
-            tasks.reuse_blobs,
-            destination=destination,
-            blobs=present,
-            workers=parallel,
-        ).result()
+    reused = reuse_present_blobs(destination, blobs, parallel, task_runner)
+    if reused:
         transfers.extend(reused)
         tracker.advance(len(reused), sum(transfer.size for transfer in reused))
         # A damaged file is hashed once more by its copy before it is replaced:

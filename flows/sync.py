@@ -33,6 +33,7 @@ from flows.copy import (
     blob_bytes,
     commit_image,
     image_path,
+    reuse_present_blobs,
 )
 from flows.parameters import FolderPath, Jitter, Parallel, Retries, Runner, Seconds
 from flows.progress import ProgressTracker
@@ -412,8 +413,8 @@ class _Placer:
 
         First the blobs each image is the first of the group to need: from a
         donor, else from its own source, unless the image's folder holds them
-        intact already. Then the blobs an earlier image of the
-        group already holds: a link to that image's file, or a local copy of it.
+        intact already. Then the blobs an earlier image of the group already
+        holds: a link to that image's file, or a local copy of it.
         Whenever the image to take a blob from lacks it, the blob is read from
         the image's own source instead.
         """
@@ -464,43 +465,30 @@ class _Placer:
 
     def _reuse(self, ready, from_source, placed: set[tuple[str, str]]) -> None:
         """Keep what each image's folder already holds intact, of the blobs it
-        is to read from its source: hashed in one task per image, as a copy's
-        reuse check is, one image at a time since each task hashes on
-        `parallel` threads. Kept blobs are counted as reused and as placed."""
-        checks = []
+        is to read from its source, as a copy does: one image at a time, since
+        each check hashes on `parallel` threads. Kept blobs are counted as
+        reused and as placed."""
         for mirror in ready:
-            present = storage.present_blobs(
-                mirror.destination, from_source[mirror.relative]
-            )
-            if present:
-                checks.append((mirror, present))
-
-        def submit(check):
-            mirror, present = check
-            return self._submit(
-                tasks.reuse_blobs,
-                destination=mirror.destination,
-                blobs=present,
-                workers=self.options.parallel,
-            )
-
-        def record(check, result: list[BlobTransfer]) -> None:
-            mirror = check[0]
-            for transfer in result:
+            try:
+                reused = reuse_present_blobs(
+                    mirror.destination,
+                    from_source[mirror.relative],
+                    self.options.parallel,
+                    self.task_runner,
+                )
+            except Exception as error:
+                # Its blobs are then copied as if none were there, and their own
+                # tasks meet whatever went wrong, under the retry policy.
+                get_run_logger().warning(
+                    "Could not check the blobs already in %s: %s",
+                    mirror.destination,
+                    _one_line(error),
+                )
+                continue
+            for transfer in reused:
                 self.outcomes[mirror.relative].add(transfer)
                 placed.add((mirror.relative, transfer.digest))
-            self.tracker.advance(len(result), sum(t.size for t in result))
-
-        def fail(check, error: Exception) -> None:
-            # Its blobs are then copied as if none were there, and their own
-            # tasks meet whatever went wrong, under the retry policy.
-            get_run_logger().warning(
-                "Could not check the blobs already in %s: %s",
-                check[0].destination,
-                _one_line(error),
-            )
-
-        run_bounded(checks, submit, 1, record, fail)
+            self.tracker.advance(len(reused), sum(t.size for t in reused))
 
     def _jobs(self, mirror, origin: str, blobs, verify_origin=False) -> list[_Job]:
         if origin == mirror.source:
