@@ -109,8 +109,9 @@ def shares_storage(first: str, second: str) -> bool:
 
     True for two names of one inode (a hard link), for two files made of the
     same extents on disk (a reflink, told by FIEMAP), and for two small files
-    whose data lives inside their inodes and that hold the same bytes. False
-    where that cannot be told: a missing file, a filesystem without FIEMAP.
+    that hold the same bytes where one keeps its data inside its inode or is
+    empty. False where that cannot be told: a missing file, a filesystem
+    without FIEMAP.
     """
     if same_file(first, second):
         return True
@@ -256,13 +257,12 @@ def share_blob(
 
     For images that already hold the blob: nothing new is placed. When the two
     files already share their storage (`shares_storage`), nothing is hashed or
-    written (`reused`). Otherwise the
-    donor's file is hashed, and only when it matches `digest` and `size` does a
-    link to it replace the destination's file, atomically (`linked`). A donor
-    file that does not match is left alone, and so is the destination's file
-    (`donor-damaged`); so is a destination that no longer has the blob, or a
-    pair of folders that cannot share storage (`kept`). The caller holds the
-    destination's lock.
+    written (`reused`). Otherwise the donor's file is hashed, and only when it
+    matches `digest` and `size` does a link to it replace the destination's
+    file, atomically (`linked`). A donor file that does not match is left
+    alone, and so is the destination's file (`donor-damaged`); so is a
+    destination that no longer has the blob, or a pair of folders that cannot
+    share storage (`kept`). The caller holds the destination's lock.
     """
     parsed = parse_digest(digest)
     started, clock = time.time(), time.perf_counter()
