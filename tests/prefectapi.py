@@ -38,9 +38,10 @@ def table_rows(flow_run_id, key: str | None = None) -> list[dict]:
     return json.loads(data) if isinstance(data, str) else data
 
 
-def task_runs(flow_run_id, prefix: str, count: int) -> list:
-    """The flow run's task runs whose names start with `prefix`, once `count` of
-    them have reached the API (or after a minute, for the caller to fail on)."""
+def task_runs(flow_run_id, prefix: str, count: int, state: str | None = None) -> list:
+    """The flow run's task runs whose names start with `prefix` (and, given
+    `state`, that are in that state, such as "COMPLETED"), once `count` of them
+    have reached the API (or after a minute, for the caller to fail on)."""
     deadline = time.monotonic() + WAIT_SECONDS
     with _client() as client:
         while True:
@@ -50,6 +51,7 @@ def task_runs(flow_run_id, prefix: str, count: int) -> list:
                     flow_run_filter=_run_filter(flow_run_id)
                 )
                 if run.name.startswith(prefix)
+                and (state is None or run.state_type == state)
             ]
             if len(runs) >= count or time.monotonic() > deadline:
                 return sorted(runs, key=lambda run: run.name)

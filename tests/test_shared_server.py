@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import prefectapi
 from flows import temporary_server
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -417,28 +418,19 @@ def test_blob_tasks_on_a_local_dask_cluster_report_to_the_server(home, tmp_path)
 
     # The workers are processes of their own, which must know the server's
     # password: without it, their task runs would never reach the server.
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        temporary_settings,
+    )
 
-    with SyncPrefectClient(record["url"], auth_string=record["auth"]) as client:
-        [flow_run] = client.read_flow_runs()
-        runs_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
-        [table] = [
-            artifact
-            for artifact in client.read_artifacts(flow_run_filter=runs_filter)
-            if artifact.type == "table"
-        ]
-        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-        deadline = time.monotonic() + 60
-        while True:
-            copies = [
-                run
-                for run in client.read_task_runs(flow_run_filter=runs_filter)
-                if run.name.startswith("copy_blob") and run.state_type == "COMPLETED"
-            ]
-            if len(copies) >= len(rows) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+    server = {PREFECT_API_URL: record["url"], PREFECT_API_AUTH_STRING: record["auth"]}
+    with temporary_settings(updates=server):
+        [flow_run] = prefectapi.latest_flow_runs(
+            "copy-image", "destination", str(destination)
+        )
+        rows = prefectapi.table_rows(flow_run.id)
+        copies = prefectapi.task_runs(flow_run.id, "copy_blob", len(rows), "COMPLETED")
 
     assert flow_run.state_type == "COMPLETED"
     assert len(copies) == len(rows) >= 2
