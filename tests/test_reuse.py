@@ -45,7 +45,7 @@ def blob_refs(image: Path) -> list[BlobRef]:
 
 
 def file_of(folder: Path, blob: BlobRef) -> Path:
-    return folder / blob.digest.split(":")[1]
+    return folder / faultkit.blob_name(blob.digest)
 
 
 def test_present_blobs_are_those_at_their_size_largest_first(image, tmp_path):
